@@ -1,0 +1,82 @@
+"""Spatial derivatives of displacement fields in physical units.
+
+The Jacobian of ``phi(x) = x + u(x)`` is computed in a millimetre frame aligned with the array axes. The image
+direction is a rotation of that frame, which leaves ``det J`` and ``||J^T J - I||`` unchanged, so these functions
+need only the spacing. Derivatives are central differences inside the grid and one-sided on its faces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .validation import check_spacing, check_tensor
+
+
+def spatial_gradient(field: torch.Tensor, spacing: Sequence[float] | None = None) -> torch.Tensor:
+    """Finite-difference gradient of every channel.
+
+    Args:
+        field: ``(B, C, D, H, W)``.
+        spacing: Grid step in mm per array axis ``(D, H, W)``; ``None`` means 1.
+
+    Returns:
+        ``(B, C, 3, D, H, W)``; ``[:, c, a]`` is ``d field_c / d x_a`` per mm along array axis ``a``.
+    """
+    check_tensor(field, "field", ndim=5, floating=True)
+    step = check_spacing(spacing)
+    grads = []
+    for axis, h in enumerate(step):
+        dim = axis + 2
+        n = field.shape[dim]
+        if n < 2:
+            grads.append(torch.zeros_like(field))
+            continue
+        x = field.movedim(dim, -1)
+        inner = (x[..., 2:] - x[..., :-2]) / (2.0 * h)
+        first = (x[..., 1:2] - x[..., 0:1]) / h
+        last = (x[..., -1:] - x[..., -2:-1]) / h
+        grads.append(torch.cat([first, inner, last], dim=-1).movedim(-1, dim))
+    return torch.stack(grads, dim=2)
+
+
+def jacobian_matrix(displacement: torch.Tensor, spacing: Sequence[float] | None = None) -> torch.Tensor:
+    """Jacobian of ``x -> x + u(x)`` in mm/mm.
+
+    Args:
+        displacement: ``(B, 3, D, H, W)`` in voxels (array order ``k, j, i``).
+        spacing: mm per voxel in array order ``(D, H, W)``; ``None`` means 1 mm isotropic.
+
+    Returns:
+        ``(B, 3, 3, D, H, W)``; ``J[:, c, a] = delta_ca + d u_c / d x_a`` with ``u`` in mm.
+    """
+    check_tensor(displacement, "displacement", ndim=5, channels=3, floating=True)
+    step = check_spacing(spacing)
+    scale = torch.tensor(step, dtype=displacement.dtype, device=displacement.device).view(1, 3, 1, 1, 1)
+    grad = spatial_gradient(displacement * scale, step)
+    eye = torch.eye(3, dtype=displacement.dtype, device=displacement.device).view(1, 3, 3, 1, 1, 1)
+    return grad + eye
+
+
+def determinant(matrix: torch.Tensor) -> torch.Tensor:
+    """Determinant of per-voxel 3x3 matrices ``(B, 3, 3, D, H, W)`` -> ``(B, 1, D, H, W)``."""
+    a = matrix
+    det = (
+        a[:, 0, 0] * (a[:, 1, 1] * a[:, 2, 2] - a[:, 1, 2] * a[:, 2, 1])
+        - a[:, 0, 1] * (a[:, 1, 0] * a[:, 2, 2] - a[:, 1, 2] * a[:, 2, 0])
+        + a[:, 0, 2] * (a[:, 1, 0] * a[:, 2, 1] - a[:, 1, 1] * a[:, 2, 0])
+    )
+    return det[:, None]
+
+
+def jacobian_determinant(displacement: torch.Tensor, spacing: Sequence[float] | None = None) -> torch.Tensor:
+    """``det J`` of ``x -> x + u(x)``: ``(B, 3, D, H, W)`` voxels -> ``(B, 1, D, H, W)``; < 1 shrinks, <= 0 folds."""
+    return determinant(jacobian_matrix(displacement, spacing))
+
+
+def orthonormality_residual(jacobian: torch.Tensor) -> torch.Tensor:
+    """``||J^T J - I||_F^2`` per voxel: ``(B, 3, 3, D, H, W)`` -> ``(B, 1, D, H, W)``; 0 for a rotation."""
+    jtj = torch.einsum("bcadhw,bcedhw->baedhw", jacobian, jacobian)
+    eye = torch.eye(3, dtype=jacobian.dtype, device=jacobian.device).view(1, 3, 3, 1, 1, 1)
+    return ((jtj - eye) ** 2).sum(dim=(1, 2))[:, None]

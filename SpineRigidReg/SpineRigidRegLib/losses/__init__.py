@@ -1,0 +1,1 @@
+"""Training and refinement losses: image similarity, smoothness and per-vertebra rigidity."""
