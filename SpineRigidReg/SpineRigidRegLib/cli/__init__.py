@@ -1,0 +1,1 @@
+"""Command-line entry points (``srr-*``); each ``main(argv=None) -> int`` returns a process exit code."""

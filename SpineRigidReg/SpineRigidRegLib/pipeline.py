@@ -1,0 +1,616 @@
+"""The registration pipeline: CT + CT vertebra labels + MR in, a rigidity-preserving deformation and its QA out.
+
+The command line, the Slicer module and the benchmark all call :func:`register` (or, for pairs already on one
+grid, :func:`register_prealigned`). Stages: validate -> rigid pre-alignment -> processing grid (1 mm, the MR's
+direction, cropped to the CT spine + margin, padded to the network's multiple) -> network -> optional test-time
+refinement -> outputs in the MR's original geometry + per-vertebra metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from . import metrics
+from .checkpoint import load_bundled_network, load_network, select_device
+from .errors import CancelledError, InputError
+from .geometry import Geometry, displacement_field_image, displacement_to_lps, image_to_tensor, tensor_to_image
+from .jacobian import jacobian_determinant
+from .network import RegistrationNet
+from .prealign import Prealignment, prealign
+from .preprocess import normalize_intensity, resample_to_reference
+from .refine import RefineWeights, refine_velocity
+from .rigid import fit_rigid
+from .warp import integrate_velocity, resize_displacement, warp_labels
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[float, str], None]
+CancelCallback = Callable[[], bool]
+
+#: Largest processing grid (voxels); bigger regions are processed at a coarser spacing instead of failing.
+MAX_GRID_VOXELS = 160 * 160 * 224
+
+
+@dataclass(frozen=True)
+class RegistrationSettings:
+    """User-facing settings of :func:`register`.
+
+    Attributes:
+        device: ``"auto"``, ``"cpu"`` or ``"cuda[:N]"``.
+        refine_steps: Test-time refinement steps after the network (0 = network only).
+        refine_weights: Loss weights of the refinement.
+        vertebra_weights: Label -> multiplier of the rigidity terms during refinement (0 excludes a vertebra).
+        model_path: A checkpoint to use instead of the bundled model.
+        margin_mm: Margin around the CT vertebrae included in the processing grid.
+        spacing_mm: Processing grid spacing (the paper resamples to 1 mm).
+    """
+
+    device: str = "auto"
+    refine_steps: int = 20
+    refine_weights: RefineWeights = field(default_factory=RefineWeights)
+    vertebra_weights: Mapping[int, float] | None = None
+    model_path: str | None = None
+    margin_mm: float = 20.0
+    spacing_mm: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.refine_steps < 0:
+            raise InputError("refine_steps must be >= 0")
+        if self.margin_mm < 0 or self.spacing_mm <= 0:
+            raise InputError("margin_mm must be >= 0 and spacing_mm > 0")
+
+
+@dataclass
+class RegistrationResult:
+    """Everything :func:`register` produces; see ``docs/ARCHITECTURE.md`` for the transform directions.
+
+    All transforms map fixed (MR) physical points to moving (CT) physical points (ITK's resampling direction,
+    Slicer's "FromParent" when the CT is placed under the transform).
+    """
+
+    warped_moving: sitk.Image
+    warped_labels: sitk.Image
+    jacobian: sitk.Image
+    prealign: np.ndarray
+    prealign_method: str
+    displacement: sitk.Image
+    velocity: torch.Tensor
+    transform: sitk.Transform
+    vertebrae: list[dict]
+    vertebra_rigid_transforms: dict[int, np.ndarray]
+    summary: dict
+    timings: dict[str, float]
+    grid: Geometry
+    fixed: sitk.Image | None = None
+
+    def total_displacement(self) -> sitk.Image:
+        """Pre-alignment folded into the field: fixed point ``x`` -> moving point ``x + D(x)``, LPS mm."""
+        d = sitk.GetArrayFromImage(self.displacement).astype(np.float64)  # (D, H, W, 3) LPS
+        idx = np.stack(np.meshgrid(*[np.arange(s) for s in self.grid.shape], indexing="ij"), -1).reshape(-1, 3)
+        x = self.grid.array_index_to_lps_points(idx.astype(np.float64))
+        y = (x + d.reshape(-1, 3)) @ self.prealign[:3, :3].T + self.prealign[:3, 3]
+        total = sitk.GetImageFromArray((y - x).reshape(d.shape), isVector=True)
+        return self.grid.apply_to(total)
+
+
+def _report(progress: ProgressCallback | None, start: float, end: float) -> ProgressCallback | None:
+    if progress is None:
+        return None
+    return lambda fraction, message: progress(start + (end - start) * min(max(fraction, 0.0), 1.0), message)
+
+
+def _check_cancel(should_cancel: CancelCallback | None) -> None:
+    if should_cancel is not None and should_cancel():
+        raise CancelledError("registration cancelled")
+
+
+def validate_image(image: object, name: str) -> sitk.Image:
+    """Raise :class:`InputError` unless ``image`` is a finite 3D scalar SimpleITK image."""
+    if not isinstance(image, sitk.Image):
+        raise TypeError(f"{name} must be a SimpleITK image, got {type(image).__name__}")
+    if image.GetDimension() != 3:
+        raise InputError(f"{name} must be a 3D image, got {image.GetDimension()}D")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{name} must have one value per voxel, got {image.GetNumberOfComponentsPerPixel()}")
+    if min(image.GetSize()) < 2:
+        raise InputError(f"{name} is too small ({image.GetSize()}): a 3D volume is needed")
+    array = sitk.GetArrayViewFromImage(image)
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        raise InputError(f"{name} contains NaN or infinite values")
+    return image
+
+
+def validate_labels(labels: object, reference: sitk.Image, name: str = "CT vertebra label map") -> sitk.Image:
+    """Return integer vertebra labels on ``reference``'s grid, resampling by physical position when needed.
+
+    Raises:
+        InputError: non-integer values, empty map, a single vertebra, or no physical overlap with the image.
+    """
+    labels = validate_image(labels, name)
+    array = sitk.GetArrayViewFromImage(labels)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.array_equal(array, np.round(array)):
+            raise InputError(f"{name} must hold integer labels (one per vertebra), found fractional values")
+        labels = sitk.Cast(labels, sitk.sitkInt32)
+    if np.min(array) < 0:
+        raise InputError(f"{name} has negative values")
+    if not Geometry.of(labels).same_grid(Geometry.of(reference)):
+        if not _overlap(Geometry.of(labels), Geometry.of(reference)):
+            raise InputError(f"{name} does not overlap its image in physical space")
+        log.info("%s is on another grid than its image: resampled by physical position", name)
+        labels = resample_to_reference(labels, reference, is_label=True)
+    values = np.unique(sitk.GetArrayViewFromImage(labels))
+    values = values[values > 0]
+    if len(values) == 0:
+        raise InputError(f"{name} is empty (no vertebra labelled)")
+    if len(values) == 1:
+        raise InputError(
+            f"{name} holds a single vertebra (label {int(values[0])}); give one label per vertebra, at least two"
+        )
+    return labels
+
+
+def _overlap(a: Geometry, b: Geometry) -> bool:
+    lo_a, hi_a = _frame_box(a, b)
+    return bool(np.all(hi_a >= -0.5) and np.all(lo_a <= np.asarray(b.shape) - 0.5))
+
+
+def _frame_box(a: Geometry, b: Geometry) -> tuple[np.ndarray, np.ndarray]:
+    """Array-index bounding box of grid ``a``'s corners in grid ``b``."""
+    idx = b.lps_to_array_index(a.corners_lps())
+    return idx.min(axis=0), idx.max(axis=0)
+
+
+def processing_grid(
+    fixed: Geometry, moving_labels: sitk.Image, prealignment: Prealignment, settings: RegistrationSettings, multiple: int
+) -> Geometry:
+    """The grid the network sees: the MR's direction, ``settings.spacing_mm`` voxels, covering the CT vertebrae
+    (mapped into MR space by the pre-alignment) plus a margin, sized to a multiple of ``multiple``."""
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(sitk.Cast(moving_labels > 0, sitk.sitkUInt8))
+    x0, y0, z0, sx, sy, sz = stats.GetBoundingBox(1)
+    g = Geometry.of(moving_labels)
+    corners = np.array(
+        [[k, j, i] for k in (z0, z0 + sz - 1) for j in (y0, y0 + sy - 1) for i in (x0, x0 + sx - 1)], dtype=float
+    )
+    moving_pts = g.array_index_to_lps_points(corners)
+    inverse = np.linalg.inv(prealignment.matrix)
+    fixed_pts = moving_pts @ inverse[:3, :3].T + inverse[:3, 3]
+    direction = fixed.direction_matrix
+    frame = (fixed_pts - np.asarray(fixed.origin)) @ direction  # coordinates along the MR's i, j, k axes (mm)
+    lo = frame.min(axis=0) - settings.margin_mm
+    hi = frame.max(axis=0) + settings.margin_mm
+    spacing = settings.spacing_mm
+    for _ in range(20):
+        size = np.ceil((hi - lo) / spacing / multiple).astype(int) * multiple
+        if np.prod(size) <= MAX_GRID_VOXELS:
+            break
+        spacing *= 1.1
+    centre = (lo + hi) / 2.0
+    start = centre - (size - 1) * spacing / 2.0
+    origin = np.asarray(fixed.origin) + direction @ start
+    if spacing != settings.spacing_mm:
+        log.warning("spine region is large: processed at %.2f mm instead of %.2f mm", spacing, settings.spacing_mm)
+    return Geometry(
+        shape=(int(size[2]), int(size[1]), int(size[0])),
+        spacing=(spacing, spacing, spacing),
+        origin=tuple(float(o) for o in origin),
+        direction=fixed.direction,
+    )
+
+
+def _check_memory(grid: Geometry, device: torch.device) -> None:
+    """Refuse a run that cannot fit, with a plain message, before torch fails deep inside."""
+    voxels = int(np.prod(grid.shape))
+    needed = voxels * 4 * 48  # ~48 float32 volumes at peak (network activations + refinement), measured margin
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        free = _available_ram()
+    if free is not None and needed > free:
+        raise InputError(
+            f"not enough memory: the {grid.shape} processing grid needs about {needed / 2**30:.1f} GiB, "
+            f"{free / 2**30:.1f} GiB is free (use a larger --spacing or a smaller margin)"
+        )
+
+
+def _available_ram() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as stream:
+            for line in stream:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def register_prealigned(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    moving_labels: torch.Tensor,
+    spacing: Sequence[float],
+    network: RegistrationNet,
+    settings: RegistrationSettings = RegistrationSettings(),
+    initial_velocity: torch.Tensor | None = None,
+    point_pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
+    progress: ProgressCallback | None = None,
+    should_cancel: CancelCallback | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """Network (+ refinement) on a pair already on one grid.
+
+    Args:
+        fixed, moving: ``(1, 1, D, H, W)`` normalised to [0, 1], sizes a multiple of the network's.
+        moving_labels: ``(1, 1, D, H, W)`` integer vertebra labels of ``moving``.
+        spacing: mm per voxel, array order ``(D, H, W)``.
+        network: The registration network (its device is used).
+        initial_velocity: Start refinement from this velocity instead of running the network.
+        point_pairs: Full-grid voxel coordinates ``(fixed (N, 3), target (N, 3))`` for the refinement.
+
+    Returns:
+        ``(displacement (1, 3, D, H, W) voxels, velocity (1, 3, d, h, w), timings in s)``.
+    """
+    device = next(network.parameters()).device
+    fixed, moving, moving_labels = fixed.to(device), moving.to(device), moving_labels.to(device)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    if initial_velocity is None:
+        with torch.inference_mode():
+            velocity = network(fixed, moving, moving_labels).velocity.clone()
+    else:
+        velocity = initial_velocity.to(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    timings["network"] = time.perf_counter() - start
+    _check_cancel(should_cancel)
+    start = time.perf_counter()
+    velocity = refine_velocity(
+        velocity,
+        fixed,
+        moving,
+        moving_labels,
+        spacing,
+        settings.refine_steps,
+        settings.refine_weights,
+        integration_steps=network.config.integration_steps,
+        point_pairs=point_pairs,
+        vertebra_weights=settings.vertebra_weights,
+        progress=progress,
+        should_cancel=should_cancel,
+    )
+    timings["refinement"] = time.perf_counter() - start
+    start = time.perf_counter()
+    with torch.no_grad():
+        displacement = resize_displacement(
+            integrate_velocity(velocity, network.config.integration_steps), fixed.shape[2:]
+        )
+    timings["integration"] = time.perf_counter() - start
+    return displacement, velocity, timings
+
+
+def resolve_network(settings: RegistrationSettings, network: RegistrationNet | None) -> RegistrationNet:
+    """The network to use: the given one, ``settings.model_path``, or the bundled model, on the chosen device."""
+    device = select_device(settings.device)
+    if network is not None:
+        return network.to(device).eval()
+    if settings.model_path:
+        return load_network(settings.model_path, device=device)
+    return load_bundled_network(device=device)
+
+
+def register(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    moving_labels: sitk.Image,
+    *,
+    fixed_labels: sitk.Image | None = None,
+    fixed_landmarks: Mapping[str, np.ndarray] | None = None,
+    moving_landmarks: Mapping[str, np.ndarray] | None = None,
+    settings: RegistrationSettings = RegistrationSettings(),
+    network: RegistrationNet | None = None,
+    initial_velocity: torch.Tensor | None = None,
+    point_pairs: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
+    progress: ProgressCallback | None = None,
+    should_cancel: CancelCallback | None = None,
+) -> RegistrationResult:
+    """Register a spine CT (moving) onto an MR (fixed), keeping every vertebra rigid.
+
+    Args:
+        fixed: MR image, any geometry (oblique, anisotropic).
+        moving: CT image in HU.
+        moving_labels: CT vertebra label map (one integer per vertebra); resampled onto the CT grid by physical
+            position when its grid differs.
+        fixed_labels: MR vertebra labels, for evaluation only (DSC).
+        fixed_landmarks, moving_landmarks: Vertebra centre points, name -> LPS (3,) mm, for the pre-alignment.
+        settings: See :class:`RegistrationSettings`.
+        network: A loaded network; ``None`` loads ``settings.model_path`` or the bundled model.
+        initial_velocity: Velocity of a previous result: skip the network and refine from it.
+        point_pairs: ``(CT LPS point, MR LPS point)`` pairs the refinement must bring together.
+        progress: Called with ``(fraction in [0, 1], stage message)``.
+        should_cancel: Polled between stages and refinement steps; True raises :class:`CancelledError`.
+
+    Returns:
+        A :class:`RegistrationResult` (nothing is written to disk; see :func:`write_outputs`).
+    """
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if progress:
+        progress(0.0, "checking inputs")
+    fixed = validate_image(fixed, "MR (fixed) image")
+    moving = validate_image(moving, "CT (moving) image")
+    moving_labels = validate_labels(moving_labels, moving)
+    if fixed_labels is not None:
+        fixed_labels = validate_labels(fixed_labels, fixed, name="MR vertebra label map")
+    net = resolve_network(settings, network)
+    device = next(net.parameters()).device
+    timings["load"] = time.perf_counter() - t0
+    _check_cancel(should_cancel)
+
+    t = time.perf_counter()
+    names = _label_names(moving_labels)
+    pre = prealign(
+        fixed, moving, moving_labels, fixed_landmarks, moving_landmarks, label_names=names,
+        progress=_report(progress, 0.05, 0.2),
+    )
+    timings["prealign"] = time.perf_counter() - t
+    _check_cancel(should_cancel)
+
+    t = time.perf_counter()
+    if progress:
+        progress(0.2, "resampling to the processing grid")
+    fixed_geometry = Geometry.of(fixed)
+    grid = processing_grid(fixed_geometry, moving_labels, pre, settings, net.config.required_multiple)
+    _check_memory(grid, device)
+    pre_t = pre.transform()
+    inside = image_to_tensor(resample_to_reference(_ones_like(fixed), grid, is_label=True))
+    if inside.float().mean() < 0.1:
+        raise InputError("the MR and the CT spine do not overlap after pre-alignment (check landmarks/orientation)")
+    fixed_t = normalize_intensity(image_to_tensor(resample_to_reference(fixed, grid)), mask=inside > 0)
+    ct_min = float(sitk.GetArrayViewFromImage(moving).min())
+    moving_hu = image_to_tensor(resample_to_reference(moving, grid, pre_t, default_value=ct_min))
+    moving_t = normalize_intensity(moving_hu)
+    labels_t = image_to_tensor(resample_to_reference(moving_labels, grid, pre_t, is_label=True), torch.int64)
+    pairs_vox = _point_pairs_to_voxels(point_pairs, pre, grid) if point_pairs else None
+    timings["preprocess"] = time.perf_counter() - t
+    _check_cancel(should_cancel)
+
+    if progress:
+        progress(0.3, "network inference")
+    spacing = grid.spacing_array_order
+    displacement, velocity, stage_times = register_prealigned(
+        fixed_t, moving_t, labels_t, spacing, net, settings,
+        initial_velocity=initial_velocity, point_pairs=pairs_vox,
+        progress=_report(progress, 0.35, 0.8), should_cancel=should_cancel,
+    )
+    timings.update(stage_times)
+    _check_cancel(should_cancel)
+
+    t = time.perf_counter()
+    if progress:
+        progress(0.85, "building outputs")
+    displacement = displacement.detach().cpu()
+    field_image = displacement_field_image(displacement, grid)
+    composite = sitk.CompositeTransform([pre_t, sitk.DisplacementFieldTransform(sitk.Image(field_image))])
+    warped_moving = sitk.Resample(moving, fixed, composite, sitk.sitkLinear, ct_min, sitk.sitkFloat32)
+    warped_labels = sitk.Resample(moving_labels, fixed, composite, _label_interpolator(), 0, sitk.sitkUInt16)
+    jac = jacobian_determinant(displacement, spacing)
+    jacobian_image = tensor_to_image(jac.float(), grid)
+    fixed_labels_t = (
+        image_to_tensor(resample_to_reference(fixed_labels, grid, is_label=True), torch.int64)
+        if fixed_labels is not None
+        else None
+    )
+    rows = metrics.vertebra_table(labels_t, displacement, spacing, fixed_labels=fixed_labels_t)
+    rigid_fits = _vertebra_rigid_transforms(labels_t, displacement, grid, pre)
+    for row in rows:
+        row["name"] = names.get(int(row["label"]), str(row["label"]))
+    if fixed_landmarks is not None and moving_landmarks is not None:
+        _add_landmark_errors(rows, composite, fixed_landmarks, moving_landmarks)
+    field_stats = metrics.field_summary(displacement, spacing, mask=inside > 0)
+    timings["outputs"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+
+    summary = {
+        **metrics.summarize(rows),
+        **field_stats,
+        "prealign_method": pre.method,
+        "prealign_residual_mm": pre.residual_mm,
+        "device": str(device),
+        "model": asdict(net.config) | {"path": settings.model_path or "bundled"},
+        "refine_steps": settings.refine_steps,
+        "started_from": "network" if initial_velocity is None else "previous result",
+        "grid_shape": list(grid.shape),
+        "grid_spacing_mm": list(grid.spacing),
+    }
+    if progress:
+        progress(1.0, "done")
+    return RegistrationResult(
+        warped_moving=warped_moving,
+        warped_labels=warped_labels,
+        jacobian=jacobian_image,
+        prealign=pre.matrix,
+        prealign_method=pre.method,
+        displacement=field_image,
+        velocity=velocity.detach().cpu(),
+        transform=composite,
+        vertebrae=rows,
+        vertebra_rigid_transforms=rigid_fits,
+        summary=summary,
+        timings=timings,
+        grid=grid,
+        fixed=fixed,
+    )
+
+
+def _ones_like(image: sitk.Image) -> sitk.Image:
+    """A uint8 image of ones on ``image``'s grid (marks where resampled data come from inside it)."""
+    ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(image)
+    return ones
+
+
+def _label_interpolator() -> int:
+    return getattr(sitk, "sitkLabelLinear", sitk.sitkNearestNeighbor)
+
+
+def _label_names(labels: sitk.Image) -> dict[int, str]:
+    from .data.vertebrae import detect_scheme, vertebra_name
+
+    values = [int(v) for v in np.unique(sitk.GetArrayViewFromImage(labels)) if v > 0]
+    scheme = detect_scheme(values)
+    return {v: vertebra_name(v, scheme) for v in values}
+
+
+def _point_pairs_to_voxels(
+    pairs: Sequence[tuple[np.ndarray, np.ndarray]], pre: Prealignment, grid: Geometry
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CT point, MR point) pairs -> processing-grid voxels: (MR point, pre-aligned CT point)."""
+    ct = np.asarray([p[0] for p in pairs], dtype=np.float64).reshape(-1, 3)
+    mr = np.asarray([p[1] for p in pairs], dtype=np.float64).reshape(-1, 3)
+    if not np.all(np.isfinite(ct)) or not np.all(np.isfinite(mr)):
+        raise InputError("point pairs must be finite coordinates")
+    inverse = np.linalg.inv(pre.matrix)
+    ct_in_fixed = ct @ inverse[:3, :3].T + inverse[:3, 3]
+    return (
+        torch.as_tensor(grid.lps_to_array_index(mr), dtype=torch.float32),
+        torch.as_tensor(grid.lps_to_array_index(ct_in_fixed), dtype=torch.float32),
+    )
+
+
+def _vertebra_rigid_transforms(
+    labels: torch.Tensor, displacement: torch.Tensor, grid: Geometry, pre: Prealignment, max_points: int = 4000
+) -> dict[int, np.ndarray]:
+    """Per vertebra, the 4x4 LPS rigid map (fixed -> moving) closest to the total map over its warped region."""
+    warped = warp_labels(labels, displacement)[0, 0]
+    d_lps = displacement_to_lps(displacement.double(), grid)[0]
+    out: dict[int, np.ndarray] = {}
+    generator = torch.Generator().manual_seed(0)
+    for value in [int(v) for v in torch.unique(warped) if v > 0]:
+        idx = torch.nonzero(warped == value)
+        if len(idx) < 4:
+            continue
+        if len(idx) > max_points:
+            idx = idx[torch.randperm(len(idx), generator=generator)[:max_points]]
+        x = grid.array_index_to_lps_points(idx.double().numpy())
+        u = d_lps[:, idx[:, 0], idx[:, 1], idx[:, 2]].T.numpy()
+        y = pre.map_points(x + u)
+        rotation, translation = fit_rigid(torch.as_tensor(x)[None], torch.as_tensor(y)[None])
+        matrix = np.eye(4)
+        matrix[:3, :3] = rotation[0].numpy()
+        matrix[:3, 3] = translation[0].numpy()
+        out[value] = matrix
+    return out
+
+
+def _add_landmark_errors(
+    rows: list[dict], transform: sitk.Transform, fixed: Mapping[str, np.ndarray], moving: Mapping[str, np.ndarray]
+) -> None:
+    """Landmark residual after registration (mm) per vertebra row whose name has a landmark on both sides."""
+    f = {str(k).strip().upper(): np.asarray(v, dtype=float) for k, v in fixed.items()}
+    m = {str(k).strip().upper(): np.asarray(v, dtype=float) for k, v in moving.items()}
+    for row in rows:
+        key = str(row.get("name", "")).upper()
+        if key in f and key in m:
+            mapped = np.asarray(transform.TransformPoint(tuple(float(c) for c in f[key])))
+            row["tre_mm"] = float(np.linalg.norm(mapped - m[key]))
+
+
+def write_outputs(
+    result: RegistrationResult, out_dir: str | os.PathLike, progress: ProgressCallback | None = None
+) -> dict[str, Path]:
+    """Write every output into ``out_dir``; files appear only once all are written (a failure leaves none).
+
+    Returns:
+        Output name -> path.
+    """
+    from .qa import save_qa_figure
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".srr-", dir=out_dir))
+    names = {
+        "warped_ct": "warped_ct.nii.gz",
+        "warped_labels": "warped_labels.nii.gz",
+        "jacobian": "jacobian.nii.gz",
+        "displacement": "displacement.nii.gz",
+        "total_displacement": "total_displacement.nii.gz",
+        "transform": "transform.h5",
+        "prealign": "prealign.tfm",
+        "vertebrae_csv": "vertebrae.csv",
+        "vertebrae_json": "vertebrae.json",
+        "summary": "summary.json",
+        "qa": "qa.png",
+    }
+    try:
+        sitk.WriteImage(result.warped_moving, str(staging / names["warped_ct"]), True)
+        sitk.WriteImage(result.warped_labels, str(staging / names["warped_labels"]), True)
+        sitk.WriteImage(result.jacobian, str(staging / names["jacobian"]), True)
+        sitk.WriteImage(result.displacement, str(staging / names["displacement"]), True)
+        sitk.WriteImage(result.total_displacement(), str(staging / names["total_displacement"]), True)
+        sitk.WriteTransform(result.transform, str(staging / names["transform"]))
+        sitk.WriteTransform(Prealignment(result.prealign, result.prealign_method).transform(), str(staging / names["prealign"]))
+        _write_table(result.vertebrae, staging / names["vertebrae_csv"])
+        with open(staging / names["vertebrae_json"], "w", encoding="utf-8") as stream:
+            json.dump(
+                {
+                    "vertebrae": result.vertebrae,
+                    "rigid_transforms_lps": {str(k): v.tolist() for k, v in result.vertebra_rigid_transforms.items()},
+                },
+                stream,
+                indent=2,
+                default=_json_default,
+            )
+        with open(staging / names["summary"], "w", encoding="utf-8") as stream:
+            json.dump({**result.summary, "timings_s": result.timings}, stream, indent=2, default=_json_default)
+        save_qa_figure(result, staging / names["qa"], fixed=result.fixed)
+        paths = {}
+        for key, name in names.items():
+            os.replace(staging / name, out_dir / name)
+            paths[key] = out_dir / name
+        return paths
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def _write_table(rows: list[dict], path: Path) -> None:
+    import csv
+
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    with open(path, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.DictWriter(stream, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+__all__ = [
+    "RegistrationResult",
+    "RegistrationSettings",
+    "RefineWeights",
+    "register",
+    "register_prealigned",
+    "write_outputs",
+]

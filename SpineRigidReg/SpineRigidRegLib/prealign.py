@@ -1,0 +1,212 @@
+"""Rigid pre-alignment of the CT onto the MR, as in the paper: from paired vertebra centre points.
+
+Without landmarks an automatic fallback runs: the CT vertebrae's centroid is brought into the MR's field of view,
+then a multi-resolution rigid registration with Mattes mutual information (SimpleITK) refines it, with the metric
+restricted to the spine region of the CT. The method used is reported with the result.
+
+All matrices are 4x4 in LPS mm and map a *fixed* (MR) point to the corresponding *moving* (CT) point, the direction
+ITK resamples with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .errors import InputError
+from .geometry import Geometry
+from .rigid import fit_rigid
+
+LANDMARKS = "landmarks"
+LANDMARKS_FROM_LABELS = "landmarks (MR) + CT label centroids"
+AUTOMATIC = "automatic: label centroid + Mattes MI rigid"
+
+
+@dataclass(frozen=True)
+class Prealignment:
+    """A rigid fixed -> moving map.
+
+    Attributes:
+        matrix: 4x4 LPS matrix, fixed point -> moving point.
+        method: How it was found (one of this module's constants).
+        residual_mm: RMS distance of the matched landmarks after alignment (None without landmarks).
+    """
+
+    matrix: np.ndarray
+    method: str
+    residual_mm: float | None = None
+
+    def transform(self) -> sitk.AffineTransform:
+        """The matrix as a SimpleITK transform (fixed -> moving)."""
+        t = sitk.AffineTransform(3)
+        t.SetMatrix(tuple(float(v) for v in self.matrix[:3, :3].ravel()))
+        t.SetTranslation(tuple(float(v) for v in self.matrix[:3, 3]))
+        return t
+
+    def map_points(self, points: np.ndarray) -> np.ndarray:
+        """Map ``(N, 3)`` fixed LPS points to moving LPS points."""
+        pts = np.asarray(points, dtype=np.float64)
+        return pts @ self.matrix[:3, :3].T + self.matrix[:3, 3]
+
+
+def label_centroids(labels: sitk.Image) -> dict[int, np.ndarray]:
+    """LPS centroid (mm) of every non-zero label of a label map."""
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(sitk.Cast(labels, sitk.sitkUInt32))
+    return {int(v): np.asarray(stats.GetCentroid(v), dtype=np.float64) for v in stats.GetLabels()}
+
+
+def _normalized_name(name: str) -> str:
+    return str(name).strip().upper()
+
+
+def match_landmarks(
+    fixed: Mapping[str, np.ndarray], moving: Mapping[str, np.ndarray]
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Pair landmarks by name (case-insensitive); every name must appear on both sides.
+
+    Returns:
+        The names and the ``(N, 3)`` fixed and moving LPS points.
+    """
+    f = {_normalized_name(k): np.asarray(v, dtype=np.float64) for k, v in fixed.items()}
+    m = {_normalized_name(k): np.asarray(v, dtype=np.float64) for k, v in moving.items()}
+    only_fixed, only_moving = sorted(set(f) - set(m)), sorted(set(m) - set(f))
+    if only_fixed or only_moving:
+        raise InputError(
+            "landmarks do not match by label: "
+            + (f"only on the MR: {', '.join(only_fixed)}" if only_fixed else "")
+            + ("; " if only_fixed and only_moving else "")
+            + (f"only on the CT: {', '.join(only_moving)}" if only_moving else "")
+        )
+    names = sorted(f)
+    if not names:
+        raise InputError("no landmarks given")
+    for name in names:
+        if f[name].shape != (3,) or m[name].shape != (3,) or not np.all(np.isfinite([f[name], m[name]])):
+            raise InputError(f"landmark {name} must be three finite coordinates")
+    return names, np.stack([f[n] for n in names]), np.stack([m[n] for n in names])
+
+
+def rigid_from_points(fixed_points: np.ndarray, moving_points: np.ndarray) -> np.ndarray:
+    """Least-squares rigid 4x4 matrix mapping ``(N, 3)`` fixed points onto moving points.
+
+    One or two pairs determine a translation only (a rotation needs three non-collinear points).
+    """
+    matrix = np.eye(4)
+    if len(fixed_points) < 3:
+        matrix[:3, 3] = (moving_points - fixed_points).mean(axis=0)
+        return matrix
+    rotation, translation = fit_rigid(
+        torch.as_tensor(fixed_points, dtype=torch.float64)[None], torch.as_tensor(moving_points, dtype=torch.float64)[None]
+    )
+    matrix[:3, :3] = rotation[0].numpy()
+    matrix[:3, 3] = translation[0].numpy()
+    return matrix
+
+
+def prealign(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    moving_labels: sitk.Image,
+    fixed_landmarks: Mapping[str, np.ndarray] | None = None,
+    moving_landmarks: Mapping[str, np.ndarray] | None = None,
+    label_names: Mapping[int, str] | None = None,
+    progress: Callable[[float, str], None] | None = None,
+) -> Prealignment:
+    """Rigid fixed -> moving pre-alignment from vertebra centre points, or the automatic fallback.
+
+    Args:
+        fixed, moving: MR and CT images.
+        moving_labels: CT vertebra labels on the CT grid.
+        fixed_landmarks: MR vertebra centres, name -> LPS point (mm).
+        moving_landmarks: CT vertebra centres, same names. When only the MR landmarks are given, the CT centres
+            are the centroids of the labels whose name (``label_names``) matches.
+        label_names: Label value -> vertebra name (``"L1"``), used to pair label centroids with MR landmarks.
+    """
+    if moving_landmarks is not None and fixed_landmarks is None:
+        raise InputError("CT landmarks were given without MR landmarks")
+    if fixed_landmarks is not None:
+        method = LANDMARKS
+        if moving_landmarks is None:
+            if not label_names:
+                raise InputError("MR landmarks need CT landmarks or named CT vertebra labels to pair with")
+            centroids = label_centroids(moving_labels)
+            moving_landmarks = {label_names[v]: c for v, c in centroids.items() if v in label_names}
+            wanted = {_normalized_name(k) for k in fixed_landmarks}
+            moving_landmarks = {k: v for k, v in moving_landmarks.items() if _normalized_name(k) in wanted}
+            method = LANDMARKS_FROM_LABELS
+        _, f_pts, m_pts = match_landmarks(fixed_landmarks, moving_landmarks)
+        matrix = rigid_from_points(f_pts, m_pts)
+        mapped = f_pts @ matrix[:3, :3].T + matrix[:3, 3]
+        residual = float(np.sqrt(((mapped - m_pts) ** 2).sum(axis=1).mean()))
+        return Prealignment(matrix=matrix, method=method, residual_mm=residual)
+    return automatic_prealignment(fixed, moving, moving_labels, progress=progress)
+
+
+def automatic_prealignment(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    moving_labels: sitk.Image,
+    progress: Callable[[float, str], None] | None = None,
+    margin_mm: float = 25.0,
+) -> Prealignment:
+    """Centroid initialisation + multi-resolution rigid Mattes-MI registration restricted to the CT spine region."""
+    spine = sitk.Cast(moving_labels > 0, sitk.sitkUInt8)
+    centroid = np.mean(list(label_centroids(spine).values()), axis=0)
+    fixed_geometry = Geometry.of(fixed)
+    fixed_centre = fixed_geometry.corners_lps().mean(axis=0)
+    initial = sitk.Euler3DTransform()
+    initial.SetCenter(tuple(float(c) for c in fixed_centre))
+    if not _inside(fixed_geometry, centroid):
+        initial.SetTranslation(tuple(float(c) for c in centroid - fixed_centre))
+
+    radius = [max(int(round(margin_mm / s)), 1) for s in moving_labels.GetSpacing()]
+    moving_mask = sitk.BinaryDilate(spine, radius)
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    method.SetMetricSamplingStrategy(method.RANDOM)
+    method.SetMetricSamplingPercentage(0.2, seed=1)
+    method.SetMetricMovingMask(moving_mask)
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=2.0, minStep=0.01, numberOfIterations=150, gradientMagnitudeTolerance=1e-6
+    )
+    method.SetOptimizerScalesFromPhysicalShift()
+    method.SetShrinkFactorsPerLevel([4, 2, 1])
+    method.SetSmoothingSigmasPerLevel([2.0, 1.0, 0.0])
+    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    method.SetInitialTransform(initial, inPlace=False)
+    if progress is not None:
+        method.AddCommand(
+            sitk.sitkMultiResolutionIterationEvent,
+            lambda: progress(min(method.GetCurrentLevel() / 3.0, 1.0), "automatic rigid pre-alignment"),
+        )
+    try:
+        result = method.Execute(sitk.Cast(fixed, sitk.sitkFloat32), sitk.Cast(moving, sitk.sitkFloat32))
+    except RuntimeError as error:
+        raise InputError(
+            "automatic pre-alignment failed (the MR and the CT spine region do not overlap enough); "
+            "give vertebra centre landmarks"
+        ) from error
+    return Prealignment(matrix=_matrix_of(result), method=AUTOMATIC)
+
+
+def _inside(geometry: Geometry, point: np.ndarray) -> bool:
+    index = geometry.lps_to_array_index(point[None])[0]
+    return bool(np.all(index >= -0.5) and np.all(index <= np.asarray(geometry.shape) - 0.5))
+
+
+def _matrix_of(transform: sitk.Transform) -> np.ndarray:
+    """4x4 matrix of a linear SimpleITK transform (possibly wrapped in a composite), found by mapping points."""
+    origin = np.asarray(transform.TransformPoint((0.0, 0.0, 0.0)))
+    matrix = np.eye(4)
+    for axis in range(3):
+        unit = [0.0, 0.0, 0.0]
+        unit[axis] = 1.0
+        matrix[:3, axis] = np.asarray(transform.TransformPoint(tuple(unit))) - origin
+    matrix[:3, 3] = origin
+    return matrix

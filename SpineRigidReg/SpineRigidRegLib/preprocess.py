@@ -1,0 +1,178 @@
+"""Resampling, intensity normalisation, and crop/pad with an exact inverse.
+
+Every resampling goes through :func:`resample_to_reference` (SimpleITK, physical coordinates), so label maps are
+placed by physical position and never assumed to share an image's grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+from .geometry import Geometry
+
+#: Lower and upper percentiles mapped to 0 and 1 by :func:`normalize_intensity`.
+NORMALIZATION_PERCENTILES = (0.5, 99.5)
+
+
+def resample_to_reference(
+    image: sitk.Image,
+    reference: sitk.Image | Geometry,
+    transform: sitk.Transform | None = None,
+    is_label: bool = False,
+    default_value: float = 0.0,
+) -> sitk.Image:
+    """Resample ``image`` onto ``reference``'s grid.
+
+    Args:
+        image: Any 3D scalar image.
+        reference: The target grid (an image or a :class:`Geometry`).
+        transform: Maps reference (output) physical points to ``image`` physical points (ITK's resampling
+            direction); ``None`` is the identity.
+        is_label: Nearest-neighbour interpolation and the input's integer pixel type; otherwise linear, float32.
+        default_value: Value outside ``image``.
+    """
+    ref = reference.reference_image() if isinstance(reference, Geometry) else reference
+    interpolator = sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear
+    pixel = image.GetPixelID() if is_label else sitk.sitkFloat32
+    source = image if is_label else sitk.Cast(image, sitk.sitkFloat32)
+    return sitk.Resample(source, ref, transform or sitk.Transform(), interpolator, default_value, pixel)
+
+
+def isotropic_geometry(geometry: Geometry, spacing: float = 1.0) -> Geometry:
+    """The grid of the same extent and direction as ``geometry`` with cubic voxels of ``spacing`` mm."""
+    if spacing <= 0:
+        raise InputError(f"spacing must be positive, got {spacing}")
+    extent = [(n - 1) * s for n, s in zip(geometry.shape[::-1], geometry.spacing)]  # ITK order
+    size_itk = [max(int(np.floor(e / spacing + 1e-6)) + 1, 1) for e in extent]
+    return Geometry(
+        shape=(size_itk[2], size_itk[1], size_itk[0]),
+        spacing=(spacing, spacing, spacing),
+        origin=geometry.origin,
+        direction=geometry.direction,
+    )
+
+
+def resample_isotropic(image: sitk.Image, spacing: float = 1.0, is_label: bool = False) -> sitk.Image:
+    """Resample to cubic voxels of ``spacing`` mm, keeping the image's origin, direction and extent."""
+    return resample_to_reference(image, isotropic_geometry(Geometry.of(image), spacing), is_label=is_label)
+
+
+def normalize_intensity(
+    volume: torch.Tensor, mask: torch.Tensor | None = None, percentiles: Sequence[float] = NORMALIZATION_PERCENTILES
+) -> torch.Tensor:
+    """Map the robust intensity range of ``volume`` to [0, 1] (clipped), as the paper's preprocessing.
+
+    Args:
+        volume: ``(B, 1, D, H, W)`` any intensities (HU for CT, arbitrary for MR); each sample separately.
+        mask: Optional ``(B, 1, D, H, W)`` boolean region over which the percentiles are computed.
+        percentiles: The lower and upper percentile mapped to 0 and 1.
+
+    Returns:
+        ``(B, 1, D, H, W)`` float32 in [0, 1].
+    """
+    if not bool(torch.isfinite(volume).all()):
+        raise InputError("image contains NaN or infinite values")
+    out = torch.empty_like(volume, dtype=torch.float32)
+    q = torch.tensor([p / 100.0 for p in percentiles], dtype=torch.float32, device=volume.device)
+    for b in range(volume.shape[0]):
+        values = volume[b].float()
+        sample = values[mask[b]] if mask is not None else values.reshape(-1)
+        if sample.numel() == 0:
+            raise InputError("the normalisation region is empty")
+        if sample.numel() > 2_000_000:  # quantile() has an input size limit; a strided subsample is plenty
+            sample = sample[:: sample.numel() // 1_000_000 + 1]
+        lo, hi = torch.quantile(sample, q)
+        scale = (hi - lo) if hi > lo else torch.ones((), device=volume.device)
+        out[b] = ((values - lo) / scale).clamp(0.0, 1.0)
+    return out
+
+
+@dataclass(frozen=True)
+class CropPad:
+    """A box of a grid, possibly reaching outside it (padding); applying and inverting it is exact.
+
+    Attributes:
+        source_shape: ``(D, H, W)`` of the grid the box is taken from.
+        start: First voxel of the box in array order (negative = padding before).
+        shape: ``(D, H, W)`` of the box.
+    """
+
+    source_shape: tuple[int, int, int]
+    start: tuple[int, int, int]
+    shape: tuple[int, int, int]
+
+    def apply(self, volume: torch.Tensor, value: float = 0.0) -> torch.Tensor:
+        """Cut the box out of ``(B, C, *source_shape)``, filling outside voxels with ``value``."""
+        if tuple(volume.shape[2:]) != self.source_shape:
+            raise InputError(f"volume {tuple(volume.shape[2:])} is not on the crop's grid {self.source_shape}")
+        pad, slices = self._pads_and_slices()
+        cropped = volume[(slice(None), slice(None), *slices)]
+        return F.pad(cropped, pad, value=value) if any(pad) else cropped
+
+    def invert(self, volume: torch.Tensor, value: float = 0.0) -> torch.Tensor:
+        """Put a ``(B, C, *shape)`` box back on the source grid; voxels the box does not cover get ``value``."""
+        if tuple(volume.shape[2:]) != self.shape:
+            raise InputError(f"volume {tuple(volume.shape[2:])} is not the crop's shape {self.shape}")
+        out = volume.new_full((*volume.shape[:2], *self.source_shape), value)
+        pad, slices = self._pads_and_slices()
+        inner = volume[
+            (
+                slice(None),
+                slice(None),
+                *[slice(pad[2 * (2 - a)], self.shape[a] - pad[2 * (2 - a) + 1]) for a in range(3)],
+            )
+        ]
+        out[(slice(None), slice(None), *slices)] = inner
+        return out
+
+    def geometry(self, source: Geometry) -> Geometry:
+        """The physical grid of the box, given the source grid's geometry."""
+        if source.shape != self.source_shape:
+            raise InputError("geometry does not match the crop's source grid")
+        origin = source.array_index_to_lps_points(np.array([self.start], dtype=np.float64))[0]
+        return Geometry(shape=self.shape, spacing=source.spacing, origin=tuple(origin), direction=source.direction)
+
+    def _pads_and_slices(self) -> tuple[list[int], list[slice]]:
+        pad: list[int] = []
+        slices = []
+        for a in range(3):
+            lo, hi = self.start[a], self.start[a] + self.shape[a]
+            slices.append(slice(max(lo, 0), min(hi, self.source_shape[a])))
+        for a in (2, 1, 0):  # F.pad lists the last axis first
+            lo, hi = self.start[a], self.start[a] + self.shape[a]
+            pad += [max(-lo, 0), max(hi - self.source_shape[a], 0)]
+        return pad, slices
+
+
+def crop_around(
+    source_shape: Sequence[int], box_start: Sequence[int], box_stop: Sequence[int], multiple: int
+) -> CropPad:
+    """A :class:`CropPad` containing the voxel box ``[box_start, box_stop)``, grown symmetrically to a multiple.
+
+    The box may extend beyond the source grid (the excess is padding).
+    """
+    start, shape = [], []
+    for a in range(3):
+        length = int(box_stop[a]) - int(box_start[a])
+        if length <= 0:
+            raise InputError("crop box is empty")
+        target = int(np.ceil(length / multiple) * multiple)
+        grow = target - length
+        start.append(int(box_start[a]) - grow // 2)
+        shape.append(target)
+    return CropPad(tuple(int(s) for s in source_shape), tuple(start), tuple(shape))  # type: ignore[arg-type]
+
+
+def pad_to_multiple(volume: torch.Tensor, multiple: int, value: float = 0.0) -> tuple[torch.Tensor, CropPad]:
+    """Pad ``(B, C, D, H, W)`` symmetrically so every spatial size is a multiple; returns the padded volume and
+    the :class:`CropPad` whose :meth:`CropPad.invert` undoes it."""
+    shape = tuple(int(s) for s in volume.shape[2:])
+    crop = crop_around(shape, (0, 0, 0), shape, multiple)
+    return crop.apply(volume, value), crop
