@@ -118,7 +118,8 @@ def refine_velocity(
             raise CancelledError("registration cancelled")
         optimizer.zero_grad(set_to_none=True)
         displacement = integrate_velocity(v, integration_steps)
-        loss = weights.similarity_weight * similarity(fixed_g, warp(moving_g, displacement))
+        # Border padding: zero padding would put an artificial edge into the warped image that MIND latches onto.
+        loss = weights.similarity_weight * similarity(fixed_g, warp(moving_g, displacement, padding_mode="border"))
         loss = loss + weights.smooth * diffusion_loss(v)
         for name, weight in rigidity.items():
             loss = loss + weight * RIGIDITY_LOSSES[name](

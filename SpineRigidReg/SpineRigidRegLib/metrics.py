@@ -1,0 +1,410 @@
+"""Evaluation metrics of the paper (Table 1 and the supplementary "PC as a metric"), without gradients.
+
+Inputs may be torch tensors or numpy arrays:
+
+- label maps: ``(D, H, W)`` or ``(1, 1, D, H, W)`` integers (float arrays must hold whole numbers), 0 = background;
+- displacement fields: ``(3, D, H, W)`` or ``(1, 3, D, H, W)`` pull-back fields in voxels (see :mod:`.geometry`);
+- masks: ``(D, H, W)`` or ``(1, 1, D, H, W)``, non-zero = inside.
+
+One sample at a time (batch size 1). ``spacing`` is mm per voxel in array order ``(D, H, W)``; ``None`` means 1 mm.
+Results are plain Python ``float``/``int``/``dict``; per-vertebra dicts are keyed by label value. A value that cannot
+be measured (an empty region) is ``nan``; :func:`summarize` skips those.
+
+The moving and fixed grids are assumed to coincide (same shape and spacing), as after the preprocessing: the
+moving label map, the displacement and the fixed labels share one grid. The *crisp warped vertebra* ``s_i o phi`` is
+``warp_labels(moving_labels, u) == i`` (every label competing for each voxel, as the user sees the warped map), except
+in the rigid Dice, which compares vertebra ``i`` with itself (see :func:`rigid_dice_per_label`).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .errors import InputError
+from .jacobian import determinant, jacobian_matrix, orthonormality_residual
+from .losses.rigidity import _check_label_values
+from .rigid import fit_rigid_to_field, rigid_displacement
+from .validation import check_label_tensor, check_spacing
+from .warp import warp_labels
+
+
+# ------------------------------------------------------------------------------------------------------ inputs
+def _to_tensor(x: object, name: str) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        if x.dtype == object:
+            raise TypeError(f"{name} must be a numeric array, got dtype object")
+        return torch.from_numpy(np.ascontiguousarray(x))
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+
+
+def _as_volume(x: object, name: str) -> torch.Tensor:
+    """``(D, H, W)`` or ``(1, 1, D, H, W)`` -> ``(1, 1, D, H, W)``."""
+    t = _to_tensor(x, name)
+    if t.dim() == 3:
+        t = t[None, None]
+    if t.dim() != 5 or t.shape[:2] != (1, 1):
+        raise InputError(f"{name} must be (D, H, W) or (1, 1, D, H, W) (one sample), got shape {tuple(t.shape)}")
+    return t
+
+
+def _labels(x: object, name: str) -> torch.Tensor:
+    t = _as_volume(x, name)
+    if not t.is_floating_point():
+        t = t.long()  # also widens unsigned and bool maps, which not every torch op supports
+    return check_label_tensor(t, name).long()
+
+
+def _field(x: object, name: str) -> torch.Tensor:
+    t = _to_tensor(x, name)
+    if t.dim() == 4:
+        t = t[None]
+    if t.dim() != 5 or t.shape[:2] != (1, 3):
+        raise InputError(f"{name} must be (3, D, H, W) or (1, 3, D, H, W) voxels, got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point field, got {t.dtype}")
+    if t.dtype not in (torch.float32, torch.float64):
+        t = t.float()
+    if not bool(torch.isfinite(t).all()):
+        raise InputError(f"{name} contains NaN or infinite values")
+    return t
+
+
+def _mask(x: object | None, like: torch.Tensor) -> torch.Tensor:
+    """Boolean ``(1, 1, D, H, W)`` mask on ``like``'s grid; ``None`` means everywhere."""
+    if x is None:
+        return torch.ones((1, 1, *like.shape[2:]), dtype=torch.bool, device=like.device)
+    t = _as_volume(x, "mask")
+    if t.shape[2:] != like.shape[2:]:
+        raise InputError(f"mask grid {tuple(t.shape[2:])} differs from the field grid {tuple(like.shape[2:])}")
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise InputError("mask contains NaN or infinite values")
+    return (t != 0).to(like.device)
+
+
+def _same_grid(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str) -> None:
+    if a.shape[2:] != b.shape[2:]:
+        raise InputError(f"{name_a} grid {tuple(a.shape[2:])} and {name_b} grid {tuple(b.shape[2:])} differ")
+
+
+def _values(labels: torch.Tensor, label_values: Sequence[int] | None) -> list[int]:
+    if label_values is not None:
+        return _check_label_values(label_values)
+    return sorted({int(v) for v in labels.unique().tolist()} - {0})
+
+
+def _spacing_tensor(spacing: Sequence[float] | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(check_spacing(spacing), dtype=like.dtype, device=like.device).view(1, 3, 1, 1, 1)
+
+
+def _dice(a: torch.Tensor, b: torch.Tensor) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return float("nan") if total == 0 else 2.0 * int((a & b).sum()) / total
+
+
+def _region_mean(values: torch.Tensor, region: torch.Tensor) -> float:
+    count = int(region.sum())
+    return float("nan") if count == 0 else float(values[region].double().mean())
+
+
+# ------------------------------------------------------------------------------------------------------ overlap
+def dice_per_label(a: object, b: object, label_values: Sequence[int] | None = None) -> dict[int, float]:
+    """Dice similarity coefficient per label between two label maps on one grid.
+
+    Args:
+        a: Label map ``(D, H, W)`` or ``(1, 1, D, H, W)``.
+        b: Label map on the same grid.
+        label_values: Labels to score; ``None`` means every non-zero value in either map. A label absent from both
+            maps scores ``nan``; absent from one, 0.
+
+    Returns:
+        ``{label: DSC in [0, 1]}``.
+    """
+    la, lb = _labels(a, "first label map"), _labels(b, "second label map")
+    _same_grid(la, lb, "first label map", "second label map")
+    if label_values is None:
+        values = sorted(set(_values(la, None)) | set(_values(lb, None)))
+    else:
+        values = _check_label_values(label_values)
+    return {v: _dice(la == v, lb == v) for v in values}
+
+
+def rigid_dice_per_label(
+    moving_labels: object,
+    displacement: object,
+    spacing: Sequence[float] | None = None,
+    label_values: Sequence[int] | None = None,
+) -> dict[int, float]:
+    """Rigid DSC per vertebra (Table 1): Dice of ``s_i o phi`` and ``s_i o T_i``.
+
+    ``s_i o phi`` is the crisp warp of vertebra ``i``'s own binary mask (``warp_labels`` on ``1[labels == i]``);
+    ``T_i`` is the rigid map fitted by least squares (mm) to ``phi`` over that crisp region
+    (:func:`.rigid.fit_rigid_to_field`), and ``s_i o T_i`` the crisp warp of the same mask by ``T_i``'s field.
+    Using the vertebra's own mask on both sides measures its shape alone, not its contacts with neighbours. A
+    perfectly rigid motion of the vertebra gives 1.
+
+    Returns:
+        ``{label: rigid DSC}``, ``nan`` for a vertebra warped entirely out of the grid.
+    """
+    labels = _labels(moving_labels, "moving labels")
+    u = _field(displacement, "displacement")
+    _same_grid(labels, u, "moving labels", "displacement")
+    labels = labels.to(u.device)
+    step = check_spacing(spacing)
+    return {v: _rigid_dice_one(labels == v, u, step) for v in _values(labels, label_values)}
+
+
+def _rigid_dice_one(mask: torch.Tensor, u: torch.Tensor, step: tuple[float, float, float]) -> float:
+    binary = mask.long()
+    warped = warp_labels(binary, u, label_values=[1]) == 1
+    if not bool(warped.any()):
+        return float("nan")
+    rotation, translation = fit_rigid_to_field(warped.to(u.dtype), u, step)
+    field = rigid_displacement(rotation, translation, u.shape[2:], step).to(u.dtype)
+    rigid = warp_labels(binary, field, label_values=[1]) == 1
+    return _dice(warped, rigid)
+
+
+def volume_change_percent(
+    moving_labels: object,
+    displacement: object,
+    spacing: Sequence[float] | None = None,
+    label_values: Sequence[int] | None = None,
+) -> dict[int, float]:
+    """Signed relative volume change per vertebra, ``100 (|s_i o phi| - |s_i|) / |s_i|`` (%).
+
+    Both volumes are voxel counts on grids of the same spacing (the moving grid and the fixed grid coincide here), so
+    the ratio equals the mm^3 ratio and ``spacing`` does not change it. The paper's ``%Δvol`` is the mean of the
+    absolute values. A label absent from the moving map gives ``nan``.
+    """
+    labels = _labels(moving_labels, "moving labels")
+    u = _field(displacement, "displacement")
+    _same_grid(labels, u, "moving labels", "displacement")
+    check_spacing(spacing)
+    labels = labels.to(u.device)
+    values = _values(labels, label_values)
+    warped = warp_labels(labels, u, label_values=values) if values else labels
+    return {v: _volume_change(labels == v, warped == v) for v in values}
+
+
+def _volume_change(original: torch.Tensor, warped: torch.Tensor) -> float:
+    before = int(original.sum())
+    return float("nan") if before == 0 else 100.0 * (int(warped.sum()) - before) / before
+
+
+# ------------------------------------------------------------------------------------------------------ field
+def _jacobian(u: torch.Tensor, spacing: Sequence[float] | None) -> torch.Tensor:
+    return jacobian_matrix(u, check_spacing(spacing))
+
+
+def folding_voxels(displacement: object, spacing: Sequence[float] | None = None, mask: object | None = None) -> int:
+    """Number of voxels (inside ``mask``) where ``det J_phi <= 0``: the field folds there."""
+    u = _field(displacement, "displacement")
+    region = _mask(mask, u)
+    det = determinant(_jacobian(u, spacing))
+    return int(((det <= 0) & region).sum())
+
+
+def sd_log_jacobian(displacement: object, spacing: Sequence[float] | None = None, mask: object | None = None) -> float:
+    """Population standard deviation of ``log det J_phi``.
+
+    Taken over the voxels inside ``mask`` (all by default) where ``det J > 0``; folded voxels have no logarithm and
+    are counted by :func:`folding_voxels` instead. ``nan`` if no voxel qualifies.
+    """
+    u = _field(displacement, "displacement")
+    region = _mask(mask, u)
+    det = determinant(_jacobian(u, spacing))
+    valid = region & (det > 0)
+    if not bool(valid.any()):
+        return float("nan")
+    return float(torch.log(det[valid].double()).std(correction=0))
+
+
+def _per_vertebra_field_metric(
+    moving_labels: object,
+    displacement: object,
+    spacing: Sequence[float] | None,
+    label_values: Sequence[int] | None,
+    which: str,
+) -> dict[int, float]:
+    labels = _labels(moving_labels, "moving labels")
+    u = _field(displacement, "displacement")
+    _same_grid(labels, u, "moving labels", "displacement")
+    labels = labels.to(u.device)
+    values = _values(labels, label_values)
+    jac = _jacobian(u, spacing)
+    per_voxel = (determinant(jac) - 1.0) ** 2 if which == "pc" else orthonormality_residual(jac)
+    warped = warp_labels(labels, u, label_values=values) if values else labels
+    return {v: _region_mean(per_voxel, warped == v) for v in values}
+
+
+def properness_metric(
+    moving_labels: object,
+    displacement: object,
+    spacing: Sequence[float] | None = None,
+    label_values: Sequence[int] | None = None,
+) -> dict[int, float]:
+    """"PC as a metric": per vertebra, mean of ``(det J_phi - 1)^2`` over the crisp warped vertebra (lower: better)."""
+    return _per_vertebra_field_metric(moving_labels, displacement, spacing, label_values, "pc")
+
+
+def orthonormality_metric(
+    moving_labels: object,
+    displacement: object,
+    spacing: Sequence[float] | None = None,
+    label_values: Sequence[int] | None = None,
+) -> dict[int, float]:
+    """Per vertebra, mean of ``||J^T J - I||_F^2`` over the crisp warped vertebra (lower is better)."""
+    return _per_vertebra_field_metric(moving_labels, displacement, spacing, label_values, "oc")
+
+
+def _norm_mm(u: torch.Tensor, spacing: Sequence[float] | None) -> torch.Tensor:
+    return (u * _spacing_tensor(spacing, u)).norm(dim=1, keepdim=True)
+
+
+def target_registration_error(
+    displacement: object,
+    true_displacement: object,
+    spacing: Sequence[float] | None = None,
+    mask: object | None = None,
+) -> float:
+    """Mean Euclidean distance (mm) between the estimated and the true mapping over ``mask`` (all voxels by default).
+
+    Both fields are voxel displacements on the same (fixed) grid, so ``|phi(x) - phi_true(x)| = |u(x) - u_true(x)|``.
+    """
+    u = _field(displacement, "displacement")
+    v = _field(true_displacement, "true displacement")
+    _same_grid(u, v, "displacement", "true displacement")
+    region = _mask(mask, u)
+    return _region_mean(_norm_mm(u - v.to(u), spacing), region)
+
+
+def mean_displacement_mm(
+    displacement: object, spacing: Sequence[float] | None = None, mask: object | None = None
+) -> float:
+    """Mean displacement length (mm) over ``mask`` (all voxels by default)."""
+    u = _field(displacement, "displacement")
+    return _region_mean(_norm_mm(u, spacing), _mask(mask, u))
+
+
+def field_summary(
+    displacement: object, spacing: Sequence[float] | None = None, mask: object | None = None
+) -> dict[str, float]:
+    """Whole-field plausibility numbers over ``mask`` (all voxels by default).
+
+    Returns:
+        ``folding_voxels`` (int, ``det J <= 0``), ``folding_percent`` (of the masked voxels), ``sd_log_jacobian``
+        (see :func:`sd_log_jacobian`), ``mean_displacement_mm`` and ``max_displacement_mm``.
+    """
+    u = _field(displacement, "displacement")
+    region = _mask(mask, u)
+    det = determinant(_jacobian(u, spacing))
+    folded = int(((det <= 0) & region).sum())
+    valid = region & (det > 0)
+    sd = float(torch.log(det[valid].double()).std(correction=0)) if bool(valid.any()) else float("nan")
+    norm = _norm_mm(u, spacing)
+    count = int(region.sum())
+    return {
+        "folding_voxels": folded,
+        "folding_percent": float("nan") if count == 0 else 100.0 * folded / count,
+        "sd_log_jacobian": sd,
+        "mean_displacement_mm": _region_mean(norm, region),
+        "max_displacement_mm": float("nan") if count == 0 else float(norm[region].max()),
+    }
+
+
+# ------------------------------------------------------------------------------------------------------ tables
+def vertebra_table(
+    moving_labels: object,
+    displacement: object,
+    spacing: Sequence[float] | None = None,
+    fixed_labels: object | None = None,
+    true_displacement: object | None = None,
+    label_values: Sequence[int] | None = None,
+) -> list[dict[str, float | int]]:
+    """One row of metrics per vertebra of the moving label map.
+
+    Columns: ``label``; ``voxels`` (moving vertebra size); ``dice`` (crisp warped vertebra vs the fixed labels, only
+    with ``fixed_labels``); ``rigid_dice`` (:func:`rigid_dice_per_label`); ``volume_change_percent`` (signed);
+    ``pc`` and ``oc`` (:func:`properness_metric`, :func:`orthonormality_metric`); ``folding_voxels`` inside the
+    crisp warped vertebra; ``mean_displacement_mm`` over it; ``tre_mm`` (only with ``true_displacement``: mean
+    error over the vertebra's region in the fixed grid under the true field, ``warp_labels(labels, u_true) == i``).
+    """
+    labels = _labels(moving_labels, "moving labels")
+    u = _field(displacement, "displacement")
+    _same_grid(labels, u, "moving labels", "displacement")
+    labels = labels.to(u.device)
+    step = check_spacing(spacing)
+    fixed = None
+    if fixed_labels is not None:
+        fixed = _labels(fixed_labels, "fixed labels").to(u.device)
+        _same_grid(fixed, u, "fixed labels", "displacement")
+    truth = None
+    if true_displacement is not None:
+        truth = _field(true_displacement, "true displacement").to(u)
+        _same_grid(truth, u, "true displacement", "displacement")
+    values = _values(labels, label_values)
+    if not values:
+        return []
+    warped = warp_labels(labels, u, label_values=values)
+    jac = jacobian_matrix(u, step)
+    det = determinant(jac)
+    pc = (det - 1.0) ** 2
+    oc = orthonormality_residual(jac)
+    norm = _norm_mm(u, step)
+    true_warped = warp_labels(labels, truth, label_values=values) if truth is not None else None
+    error = _norm_mm(u - truth, step) if truth is not None else None
+    rows: list[dict[str, float | int]] = []
+    for v in values:
+        original = labels == v
+        region = warped == v
+        row: dict[str, float | int] = {"label": v, "voxels": int(original.sum())}
+        if fixed is not None:
+            row["dice"] = _dice(region, fixed == v)
+        row["rigid_dice"] = _rigid_dice_one(original, u, step)
+        row["volume_change_percent"] = _volume_change(original, region)
+        row["pc"] = _region_mean(pc, region)
+        row["oc"] = _region_mean(oc, region)
+        row["folding_voxels"] = int(((det <= 0) & region).sum())
+        row["mean_displacement_mm"] = _region_mean(norm, region)
+        if error is not None:
+            row["tre_mm"] = _region_mean(error, true_warped == v)
+        rows.append(row)
+    return rows
+
+
+def summarize(
+    rows: Sequence[Mapping[str, float | int]], field: Mapping[str, float | int] | None = None
+) -> dict[str, float | int]:
+    """Mean and population SD of every numeric column of :func:`vertebra_table` rows (``label`` excluded).
+
+    Keys are ``<column>_mean`` and ``<column>_sd``, computed over the finite values; ``abs_volume_change_percent``
+    (the paper's ``%Δvol``) is added when ``volume_change_percent`` is present; ``vertebrae`` is the row count.
+    ``field`` (e.g. :func:`field_summary` of the whole field) is copied in unchanged.
+    """
+    if isinstance(rows, Mapping) or not isinstance(rows, Sequence):
+        raise TypeError(f"rows must be a list of dicts, got {type(rows).__name__}")
+    columns: dict[str, list[float]] = {}
+    for row in rows:
+        if not isinstance(row, Mapping):
+            raise TypeError(f"each row must be a dict, got {type(row).__name__}")
+        for key, value in row.items():
+            if key == "label" or isinstance(value, bool) or not isinstance(value, numbers.Real):
+                continue
+            columns.setdefault(key, []).append(float(value))
+            if key == "volume_change_percent":
+                columns.setdefault("abs_volume_change_percent", []).append(abs(float(value)))
+    out: dict[str, float | int] = {"vertebrae": len(rows)}
+    for key, values in columns.items():
+        finite = [x for x in values if math.isfinite(x)]
+        out[f"{key}_mean"] = float(np.mean(finite)) if finite else float("nan")
+        out[f"{key}_sd"] = float(np.std(finite)) if finite else float("nan")
+    if field is not None:
+        out.update(field)
+    return out
