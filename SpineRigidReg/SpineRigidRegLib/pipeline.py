@@ -174,7 +174,11 @@ def _frame_box(a: Geometry, b: Geometry) -> tuple[np.ndarray, np.ndarray]:
 
 
 def processing_grid(
-    fixed: Geometry, moving_labels: sitk.Image, prealignment: Prealignment, settings: RegistrationSettings, multiple: int
+    fixed: Geometry,
+    moving_labels: sitk.Image,
+    prealignment: Prealignment,
+    settings: RegistrationSettings,
+    multiple: int,
 ) -> Geometry:
     """The grid the network sees: the MR's direction, ``settings.spacing_mm`` voxels, covering the CT vertebrae
     (mapped into MR space by the pre-alignment) plus a margin, sized to a multiple of ``multiple``."""
@@ -361,7 +365,12 @@ def register(
     t = time.perf_counter()
     names = _label_names(moving_labels)
     pre = prealign(
-        fixed, moving, moving_labels, fixed_landmarks, moving_landmarks, label_names=names,
+        fixed,
+        moving,
+        moving_labels,
+        fixed_landmarks,
+        moving_landmarks,
+        label_names=names,
         progress=_report(progress, 0.05, 0.2),
     )
     timings["prealign"] = time.perf_counter() - t
@@ -390,9 +399,16 @@ def register(
         progress(0.3, "network inference")
     spacing = grid.spacing_array_order
     displacement, velocity, stage_times = register_prealigned(
-        fixed_t, moving_t, labels_t, spacing, net, settings,
-        initial_velocity=initial_velocity, point_pairs=pairs_vox,
-        progress=_report(progress, 0.35, 0.8), should_cancel=should_cancel,
+        fixed_t,
+        moving_t,
+        labels_t,
+        spacing,
+        net,
+        settings,
+        initial_velocity=initial_velocity,
+        point_pairs=pairs_vox,
+        progress=_report(progress, 0.35, 0.8),
+        should_cancel=should_cancel,
     )
     timings.update(stage_times)
     _check_cancel(should_cancel)
@@ -560,7 +576,9 @@ def write_outputs(
         sitk.WriteImage(result.displacement, str(staging / names["displacement"]), True)
         sitk.WriteImage(result.total_displacement(), str(staging / names["total_displacement"]), True)
         sitk.WriteTransform(result.transform, str(staging / names["transform"]))
-        sitk.WriteTransform(Prealignment(result.prealign, result.prealign_method).transform(), str(staging / names["prealign"]))
+        sitk.WriteTransform(
+            Prealignment(result.prealign, result.prealign_method).transform(), str(staging / names["prealign"])
+        )
         _write_table(result.vertebrae, staging / names["vertebrae_csv"])
         with open(staging / names["vertebrae_json"], "w", encoding="utf-8") as stream:
             json.dump(

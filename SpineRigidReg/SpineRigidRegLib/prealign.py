@@ -101,7 +101,8 @@ def rigid_from_points(fixed_points: np.ndarray, moving_points: np.ndarray) -> np
         matrix[:3, 3] = (moving_points - fixed_points).mean(axis=0)
         return matrix
     rotation, translation = fit_rigid(
-        torch.as_tensor(fixed_points, dtype=torch.float64)[None], torch.as_tensor(moving_points, dtype=torch.float64)[None]
+        torch.as_tensor(fixed_points, dtype=torch.float64)[None],
+        torch.as_tensor(moving_points, dtype=torch.float64)[None],
     )
     matrix[:3, :3] = rotation[0].numpy()
     matrix[:3, 3] = translation[0].numpy()
@@ -166,33 +167,63 @@ def automatic_prealignment(
 
     radius = [max(int(round(margin_mm / s)), 1) for s in moving_labels.GetSpacing()]
     moving_mask = sitk.BinaryDilate(spine, radius)
-    method = sitk.ImageRegistrationMethod()
-    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
-    method.SetMetricSamplingStrategy(method.RANDOM)
-    method.SetMetricSamplingPercentage(0.2, seed=1)
-    method.SetMetricMovingMask(moving_mask)
-    method.SetInterpolator(sitk.sitkLinear)
-    method.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=2.0, minStep=0.01, numberOfIterations=150, gradientMagnitudeTolerance=1e-6
-    )
-    method.SetOptimizerScalesFromPhysicalShift()
-    method.SetShrinkFactorsPerLevel([4, 2, 1])
-    method.SetSmoothingSigmasPerLevel([2.0, 1.0, 0.0])
-    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-    method.SetInitialTransform(initial, inPlace=False)
-    if progress is not None:
-        method.AddCommand(
-            sitk.sitkMultiResolutionIterationEvent,
-            lambda: progress(min(method.GetCurrentLevel() / 3.0, 1.0), "automatic rigid pre-alignment"),
-        )
+    fixed_f = sitk.Cast(fixed, sitk.sitkFloat32)
+    moving_f = sitk.Cast(moving, sitk.sitkFloat32)
+    # Translation first, then rotation: on small or low-contrast images a rigid optimiser started far away
+    # trades a wrong rotation for translation; the two stages keep the rotation near the scanner frames'.
     try:
-        result = method.Execute(sitk.Cast(fixed, sitk.sitkFloat32), sitk.Cast(moving, sitk.sitkFloat32))
+        translation = sitk.TranslationTransform(3, initial.GetTranslation())
+        translation = _mattes_mi(fixed_f, moving_f, moving_mask, translation, _report_stage(progress, 0.0, 0.4))
+        initial.SetTranslation(tuple(float(c) for c in _matrix_of(translation)[:3, 3]))
+        result = _mattes_mi(fixed_f, moving_f, moving_mask, initial, _report_stage(progress, 0.4, 1.0))
     except RuntimeError as error:
         raise InputError(
             "automatic pre-alignment failed (the MR and the CT spine region do not overlap enough); "
             "give vertebra centre landmarks"
         ) from error
     return Prealignment(matrix=_matrix_of(result), method=AUTOMATIC)
+
+
+def _mattes_mi(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    moving_mask: sitk.Image,
+    initial: sitk.Transform,
+    progress: Callable[[float, str], None] | None,
+) -> sitk.Transform:
+    """Multi-resolution Mattes-MI registration of ``moving`` onto ``fixed`` from ``initial`` (fixed -> moving)."""
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    if np.prod(fixed.GetSize()) > 2_000_000:
+        method.SetMetricSamplingStrategy(method.RANDOM)
+        method.SetMetricSamplingPercentage(0.2, seed=1)
+    method.SetMetricMovingMask(moving_mask)
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=2.0, minStep=0.01, numberOfIterations=150, gradientMagnitudeTolerance=1e-6
+    )
+    method.SetOptimizerScalesFromPhysicalShift()
+    # The coarsest level keeps at least 24 voxels along the shortest axis.
+    factors = [f for f in (4, 2) if min(fixed.GetSize()) / f >= 24] + [1]
+    method.SetShrinkFactorsPerLevel(factors)
+    method.SetSmoothingSigmasPerLevel([float(f - 1) for f in factors])
+    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    method.SetInitialTransform(initial, inPlace=False)
+    if progress is not None:
+        levels = len(factors)
+        method.AddCommand(
+            sitk.sitkMultiResolutionIterationEvent,
+            lambda: progress(min(method.GetCurrentLevel() / levels, 1.0), "automatic rigid pre-alignment"),
+        )
+    return method.Execute(fixed, moving)
+
+
+def _report_stage(
+    progress: Callable[[float, str], None] | None, start: float, end: float
+) -> Callable[[float, str], None] | None:
+    if progress is None:
+        return None
+    return lambda fraction, message: progress(start + (end - start) * fraction, message)
 
 
 def _inside(geometry: Geometry, point: np.ndarray) -> bool:

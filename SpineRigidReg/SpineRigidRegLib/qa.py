@@ -32,7 +32,7 @@ def save_qa_figure(result: RegistrationResult, path: str | os.PathLike, fixed: s
     jac = sitk.GetArrayFromImage(result.jacobian)
     mr = sitk.GetArrayFromImage(resample_to_reference(fixed, grid)) if fixed is not None else None
     nz = np.argwhere(labels > 0)
-    k, j, i = (nz.mean(axis=0).round().astype(int) if len(nz) else np.asarray(labels.shape) // 2)
+    k, j, i = nz.mean(axis=0).round().astype(int) if len(nz) else np.asarray(labels.shape) // 2
     views = {"axial": (np.s_[k, :, :], "k"), "sagittal": (np.s_[:, :, i], "i")}
     fig, axes = plt.subplots(2, 3, figsize=(12, 8), dpi=90)
     for row, (name, (sl, _)) in enumerate(views.items()):

@@ -50,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     inputs.add_argument("--fixed-labels", type=Path, help="optional MR vertebra labels, to report Dice")
     inputs.add_argument("--fixed-landmarks", type=Path, help="optional MR vertebra centres (.mrk.json/.fcsv/.csv)")
     inputs.add_argument(
-        "--moving-landmarks", type=Path, help="optional CT vertebra centres; without them the CT label centroids are used"
+        "--moving-landmarks",
+        type=Path,
+        help="optional CT vertebra centres; without them the CT label centroids are used",
     )
     inputs.add_argument("--sample", action="store_true", help="use the bundled sample case (Resources/SampleData)")
     options = parser.add_argument_group("options")
@@ -149,8 +151,11 @@ def _input_paths(args: argparse.Namespace) -> dict[str, Path | None]:
         if not folder.is_dir():
             raise InputError(f"the bundled sample case is missing ({folder})")
         return {key: folder / name for key, name in SAMPLE_FILES.items()}
-    missing = [flag for flag, value in (("--fixed", args.fixed), ("--moving", args.moving),
-                                        ("--moving-labels", args.moving_labels)) if value is None]
+    missing = [
+        flag
+        for flag, value in (("--fixed", args.fixed), ("--moving", args.moving), ("--moving-labels", args.moving_labels))
+        if value is None
+    ]
     if missing:
         raise InputError(f"missing {', '.join(missing)} (or use --sample)")
     return {

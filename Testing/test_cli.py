@@ -1,0 +1,168 @@
+"""Command lines: the main job end to end, and one-line errors with no output for bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from SpineRigidRegLib.checkpoint import save_checkpoint
+from SpineRigidRegLib.cli import jacobian as jacobian_cli
+from SpineRigidRegLib.cli import register as register_cli
+from SpineRigidRegLib.cli import warp as warp_cli
+from SpineRigidRegLib.data.phantom import make_phantom
+from SpineRigidRegLib.network import NetworkConfig, RegistrationNet
+
+TINY = NetworkConfig(encoder_channels=(4, 4, 4, 4), decoder_channels=(4, 4, 4, 4), final_channels=(4,))
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    """A phantom CT, its labels, an MR-like image, and a tiny model, as files."""
+    root = tmp_path_factory.mktemp("case")
+    phantom = make_phantom(num_vertebrae=3, shape=(48, 40, 40), seed=2)
+    mr = sitk.InvertIntensity(sitk.Cast(phantom.ct, sitk.sitkFloat32), maximum=1500.0)
+    paths = {"ct": root / "ct.nii.gz", "seg": root / "seg.nii.gz", "mr": root / "mr.nrrd", "model": root / "m.pt"}
+    sitk.WriteImage(phantom.ct, str(paths["ct"]))
+    sitk.WriteImage(phantom.labels, str(paths["seg"]))
+    sitk.WriteImage(mr, str(paths["mr"]))
+    torch.manual_seed(0)
+    save_checkpoint(paths["model"], RegistrationNet(TINY))
+    return paths
+
+
+def run_register(case, out, *extra):
+    return register_cli.main(
+        [
+            "--fixed",
+            str(case["mr"]),
+            "--moving",
+            str(case["ct"]),
+            "--moving-labels",
+            str(case["seg"]),
+            "--model",
+            str(case["model"]),
+            "--device",
+            "cpu",
+            "--refine-steps",
+            "2",
+            "--quiet",
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
+
+
+def test_register_writes_every_output_and_the_tools_read_them(case, tmp_path, capsys):
+    out = tmp_path / "result"
+    assert run_register(case, out, "--rigidity", "pc=0.2,rigid_field=0.02") == 0
+    printed = capsys.readouterr().out
+    assert "rigid DSC" in printed and "qa.png" in printed
+    for name in (
+        "warped_ct.nii.gz",
+        "warped_labels.nii.gz",
+        "jacobian.nii.gz",
+        "transform.h5",
+        "displacement.nii.gz",
+        "vertebrae.csv",
+        "summary.json",
+        "qa.png",
+    ):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert "timings_s" in summary and summary["prealign_method"]
+
+    warped = tmp_path / "warped_seg.nii.gz"
+    assert (
+        warp_cli.main(
+            [
+                "--transform",
+                str(out / "transform.h5"),
+                "--input",
+                str(case["seg"]),
+                "--reference",
+                str(case["mr"]),
+                "--out",
+                str(warped),
+                "--labels",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    ours = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped_labels.nii.gz")))
+    assert np.array_equal(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(warped)))), np.unique(ours))
+
+    capsys.readouterr()
+    assert jacobian_cli.main(["--field", str(out / "displacement.nii.gz"), "--json", "--quiet"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["folding_voxels"] == 0 and stats["det_min"] > 0
+
+
+def test_vertebra_weight_accepts_names_and_rejects_unknown(case, tmp_path, capsys):
+    assert run_register(case, tmp_path / "a", "--vertebra-weight", "L1=0") == 0
+    assert run_register(case, tmp_path / "b", "--vertebra-weight", "C3=2") == 2
+    assert "not a vertebra" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("problem", ["missing", "truncated", "not_an_image", "tampered_model"])
+def test_bad_files_give_one_line_and_no_output(case, tmp_path, capsys, problem):
+    ct, model = case["ct"], case["model"]
+    if problem == "missing":
+        ct = tmp_path / "nope.nii.gz"
+    elif problem == "truncated":
+        ct = tmp_path / "cut.nii.gz"
+        ct.write_bytes(case["ct"].read_bytes()[:500])
+    elif problem == "not_an_image":
+        ct = tmp_path / "text.nii.gz"
+        ct.write_bytes(gzip.compress(b"hello"))
+    elif problem == "tampered_model":
+        model = tmp_path / "bad.pt"
+        data = bytearray(case["model"].read_bytes())
+        model.write_bytes(bytes(data[: len(data) // 2]))
+    out = tmp_path / "out"
+    code = register_cli.main(
+        [
+            "--fixed",
+            str(case["mr"]),
+            "--moving",
+            str(ct),
+            "--moving-labels",
+            str(case["seg"]),
+            "--model",
+            str(model),
+            "--device",
+            "cpu",
+            "--refine-steps",
+            "0",
+            "--quiet",
+            "--out",
+            str(out),
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("error:") and "\n" not in err and "Traceback" not in err
+    assert not out.exists() or not any(p for p in out.iterdir() if not p.name.startswith("."))
+
+
+def test_missing_required_inputs_and_cuda_without_gpu(case, tmp_path, capsys):
+    assert register_cli.main(["--out", str(tmp_path / "x"), "--quiet"]) == 2
+    assert "--fixed" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert run_register(case, tmp_path / "y", "--device", "cuda") == 2
+        assert "GPU" in capsys.readouterr().err
+
+
+def test_console_scripts_have_help():
+    for module in ("register", "warp", "jacobian"):
+        result = subprocess.run(
+            [sys.executable, "-m", f"SpineRigidRegLib.cli.{module}", "--help"], capture_output=True, text=True
+        )
+        assert result.returncode == 0 and "usage" in result.stdout

@@ -1,0 +1,252 @@
+"""The registration pipeline: geometry kept exact through oblique/anisotropic inputs, bad input refused cleanly,
+cancellation leaves nothing behind."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from SpineRigidRegLib import pipeline
+from SpineRigidRegLib.data.phantom import make_phantom
+from SpineRigidRegLib.errors import CancelledError, InputError
+from SpineRigidRegLib.network import NetworkConfig, RegistrationNet
+from SpineRigidRegLib.prealign import label_centroids
+
+TINY = NetworkConfig(encoder_channels=(4, 4, 4, 4), decoder_channels=(4, 4, 4, 4), final_channels=(4,))
+FAST = pipeline.RegistrationSettings(device="cpu", refine_steps=0, margin_mm=8.0)
+
+
+@pytest.fixture(scope="module")
+def network() -> RegistrationNet:
+    torch.manual_seed(0)
+    return RegistrationNet(TINY).eval()
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return make_phantom(num_vertebrae=3, shape=(48, 40, 40), seed=1)
+
+
+def rotation_about(
+    center: np.ndarray, angles_deg: tuple[float, float, float], shift: np.ndarray
+) -> sitk.Euler3DTransform:
+    t = sitk.Euler3DTransform()
+    t.SetCenter(tuple(float(c) for c in center))
+    t.SetRotation(*[float(np.deg2rad(a)) for a in angles_deg])
+    t.SetTranslation(tuple(float(s) for s in shift))
+    return t
+
+
+def oblique_mr(phantom, truth: sitk.Transform, spacing=(1.2, 1.2, 2.5)) -> sitk.Image:
+    """An MR-like image of the phantom seen through ``truth`` (MR point -> CT point), on an oblique LPS grid."""
+    ct = phantom.ct
+    contrast = sitk.Cast(sitk.InvertIntensity(sitk.Cast(ct, sitk.sitkFloat32), maximum=1500.0), sitk.sitkFloat32)
+    direction = rotation_about(np.zeros(3), (4.0, -3.0, 6.0), np.zeros(3)).GetMatrix()
+    centre = np.asarray(ct.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in ct.GetSize()]))
+    extent = np.asarray(ct.GetSize()) * np.asarray(ct.GetSpacing())
+    size = [int(e / s) for e, s in zip(extent, spacing)]
+    d = np.asarray(direction).reshape(3, 3)
+    origin = centre - d @ ((np.asarray(size) - 1) * np.asarray(spacing) / 2)
+    return sitk.Resample(
+        contrast, size, truth, sitk.sitkLinear, tuple(origin), spacing, direction, 0.0, sitk.sitkFloat32
+    )
+
+
+def landmarks_from(labels: sitk.Image, transform: sitk.Transform | None = None) -> dict[str, np.ndarray]:
+    """Vertebra centroids by label name; with ``transform`` (CT -> MR), their MR positions."""
+    points = {}
+    for value, c in label_centroids(labels).items():
+        points[f"V{value}"] = np.asarray(transform.TransformPoint(tuple(c))) if transform else c
+    return points
+
+
+@pytest.mark.parametrize("mr_spacing", [(1.2, 1.2, 2.5), (0.3, 0.3, 5.0)])
+def test_known_rigid_motion_is_recovered_through_oblique_anisotropic_geometry(phantom, network, tmp_path, mr_spacing):
+    truth = rotation_about(np.zeros(3), (3.0, -2.0, 4.0), np.array([4.0, -3.0, 2.0]))  # MR point -> CT point
+    mr = oblique_mr(phantom, truth, spacing=mr_spacing)
+    ct_points = landmarks_from(phantom.labels)
+    mr_points = landmarks_from(phantom.labels, truth.GetInverse())
+    result = pipeline.register(
+        mr,
+        phantom.ct,
+        phantom.labels,
+        fixed_landmarks=mr_points,
+        moving_landmarks=ct_points,
+        settings=FAST,
+        network=network,
+    )
+    assert result.prealign_method == "landmarks"
+    rng = np.random.default_rng(0)
+    centre = np.mean(list(mr_points.values()), axis=0)
+    probes = centre + rng.uniform(-10, 10, size=(20, 3))
+    expected = np.array([truth.TransformPoint(tuple(p)) for p in probes])
+    mapped = np.array([result.transform.TransformPoint(tuple(p)) for p in probes])
+    assert np.abs(mapped - expected).max() < 0.5  # mm; the tiny untrained network adds ~nothing
+
+    paths = pipeline.write_outputs(result, tmp_path)
+    written = sitk.ReadTransform(str(paths["transform"]))
+    reread = np.array([written.TransformPoint(tuple(p)) for p in probes])
+    assert np.abs(reread - mapped).max() < 0.5  # the written transform is the one used
+    total = sitk.DisplacementFieldTransform(sitk.ReadImage(str(paths["total_displacement"]), sitk.sitkVectorFloat64))
+    via_total = np.array([total.TransformPoint(tuple(p)) for p in probes])
+    assert np.abs(via_total - mapped).max() < 0.5
+    warped = sitk.ReadImage(str(paths["warped_ct"]))
+    assert Geometry_equal(warped, mr)
+    resampled = sitk.Resample(
+        phantom.ct, mr, written, sitk.sitkLinear, float(np.min(sitk.GetArrayViewFromImage(phantom.ct)))
+    )
+    assert np.abs(sitk.GetArrayFromImage(resampled) - sitk.GetArrayFromImage(warped)).max() < 1e-2
+
+
+def Geometry_equal(a: sitk.Image, b: sitk.Image) -> bool:  # noqa: N802 - reads as a predicate in asserts
+    return (
+        a.GetSize() == b.GetSize()
+        and np.allclose(a.GetSpacing(), b.GetSpacing())
+        and np.allclose(a.GetOrigin(), b.GetOrigin())
+        and np.allclose(a.GetDirection(), b.GetDirection())
+    )
+
+
+def test_result_reports_rigidity_per_vertebra_and_dice_with_mr_labels(phantom, network):
+    mr = oblique_mr(phantom, sitk.Euler3DTransform())
+    mr_labels = sitk.Resample(phantom.labels, mr, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    result = pipeline.register(mr, phantom.ct, phantom.labels, fixed_labels=mr_labels, settings=FAST, network=network)
+    values = sorted(label_centroids(phantom.labels))
+    assert [row["label"] for row in result.vertebrae] == values
+    for row in result.vertebrae:
+        assert row["rigid_dice"] > 0.95 and row["dice"] > 0.7 and "name" in row
+    assert set(result.vertebra_rigid_transforms) == set(values)
+    for matrix in result.vertebra_rigid_transforms.values():
+        assert np.allclose(matrix[:3, :3] @ matrix[:3, :3].T, np.eye(3), atol=1e-6)
+    assert result.summary["folding_voxels"] == 0
+    assert {"prealign", "preprocess", "network", "refinement", "total"} <= set(result.timings)
+
+
+def test_refinement_steps_change_the_field_and_honour_point_pairs(phantom, network):
+    mr = oblique_mr(phantom, sitk.Euler3DTransform())
+    ct_point = np.mean(list(landmarks_from(phantom.labels).values()), axis=0)
+    mr_point = ct_point + np.array([0.0, 0.0, 0.0])
+    target_ct = ct_point + np.array([0.0, 2.0, 0.0])  # user says: this MR point shows that CT point
+    settings = pipeline.RegistrationSettings(device="cpu", refine_steps=15, margin_mm=8.0)
+    result = pipeline.register(
+        mr, phantom.ct, phantom.labels, settings=settings, network=network, point_pairs=[(target_ct, mr_point)]
+    )
+    before = np.asarray(
+        pipeline.register(mr, phantom.ct, phantom.labels, settings=FAST, network=network).transform.TransformPoint(
+            tuple(mr_point)
+        )
+    )
+    after = np.asarray(result.transform.TransformPoint(tuple(mr_point)))
+    assert np.linalg.norm(after - target_ct) < np.linalg.norm(before - target_ct)
+
+
+def test_progress_is_monotonic_and_cancel_raises(phantom, network):
+    mr = oblique_mr(phantom, sitk.Euler3DTransform())
+    fractions = []
+    pipeline.register(
+        mr, phantom.ct, phantom.labels, settings=FAST, network=network, progress=lambda f, m: fractions.append(f)
+    )
+    assert fractions[0] == 0.0 and fractions[-1] == 1.0 and fractions == sorted(fractions)
+    calls = iter(range(100))
+    with pytest.raises(CancelledError):
+        pipeline.register(
+            mr, phantom.ct, phantom.labels, settings=FAST, network=network, should_cancel=lambda: next(calls) >= 2
+        )
+
+
+def _with(image: sitk.Image, array: np.ndarray) -> sitk.Image:
+    out = sitk.GetImageFromArray(array)
+    out.CopyInformation(image)
+    return out
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("2d", "3D"),
+        ("4d", "3D"),
+        ("nan", "NaN"),
+        ("empty", "empty"),
+        ("single", "single vertebra"),
+        ("fractional", "integer"),
+        ("disjoint_labels", "overlap"),
+    ],
+)
+def test_bad_inputs_are_refused_with_a_reason(phantom, network, case, message):
+    ct, labels = phantom.ct, phantom.labels
+    mr = oblique_mr(phantom, sitk.Euler3DTransform())
+    lab = sitk.GetArrayFromImage(labels)
+    if case == "2d":
+        mr = mr[:, :, 3]
+    elif case == "4d":
+        mr = sitk.JoinSeries([mr, mr])
+    elif case == "nan":
+        arr = sitk.GetArrayFromImage(ct).astype(np.float32)
+        arr[3, 3, 3] = np.nan
+        ct = _with(ct, arr)
+    elif case == "empty":
+        labels = _with(labels, np.zeros_like(lab))
+    elif case == "single":
+        labels = _with(labels, (lab == lab.max()).astype(lab.dtype) * lab.max())
+    elif case == "fractional":
+        labels = _with(labels, lab.astype(np.float32) * 0.5)
+    elif case == "disjoint_labels":
+        labels = sitk.Image(labels)
+        labels.SetOrigin(tuple(o + 1000.0 for o in labels.GetOrigin()))
+    with pytest.raises(InputError, match=message):
+        pipeline.register(mr, ct, labels, settings=FAST, network=network)
+
+
+def test_labels_on_another_overlapping_grid_are_resampled_by_position(phantom, network):
+    coarse = sitk.Resample(
+        phantom.labels,
+        [s // 2 for s in phantom.labels.GetSize()],
+        sitk.Transform(),
+        sitk.sitkNearestNeighbor,
+        phantom.labels.GetOrigin(),
+        [s * 2 for s in phantom.labels.GetSpacing()],
+        phantom.labels.GetDirection(),
+        0,
+    )
+    mr = oblique_mr(phantom, sitk.Euler3DTransform())
+    result = pipeline.register(mr, phantom.ct, coarse, settings=FAST, network=network)
+    assert len(result.vertebrae) == len(label_centroids(phantom.labels))
+
+
+def test_unmatched_landmarks_and_non_overlapping_images_are_refused(phantom, network):
+    mr = oblique_mr(phantom, sitk.Euler3DTransform())
+    ct_points = landmarks_from(phantom.labels)
+    mr_points = dict(ct_points)
+    mr_points["XX"] = np.zeros(3)
+    with pytest.raises(InputError, match="do not match"):
+        pipeline.register(
+            mr,
+            phantom.ct,
+            phantom.labels,
+            fixed_landmarks=mr_points,
+            moving_landmarks=ct_points,
+            settings=FAST,
+            network=network,
+        )
+    far = {k: v + 500.0 for k, v in ct_points.items()}
+    with pytest.raises(InputError, match="overlap"):
+        pipeline.register(
+            mr,
+            phantom.ct,
+            phantom.labels,
+            fixed_landmarks=far,
+            moving_landmarks=ct_points,
+            settings=FAST,
+            network=network,
+        )
+
+
+def test_inputs_are_not_modified(phantom, network):
+    mr = oblique_mr(phantom, sitk.Euler3DTransform())
+    before = [sitk.GetArrayFromImage(i).copy() for i in (mr, phantom.ct, phantom.labels)]
+    geometry = [(i.GetOrigin(), i.GetSpacing(), i.GetDirection()) for i in (mr, phantom.ct, phantom.labels)]
+    pipeline.register(mr, phantom.ct, phantom.labels, settings=FAST, network=network)
+    for image, array, geo in zip((mr, phantom.ct, phantom.labels), before, geometry):
+        assert np.array_equal(sitk.GetArrayFromImage(image), array)
+        assert (image.GetOrigin(), image.GetSpacing(), image.GetDirection()) == geo
