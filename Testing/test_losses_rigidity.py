@@ -14,6 +14,7 @@ from SpineRigidRegLib.losses import (
     properness_loss,
     rigid_dice_loss,
     rigid_field_loss,
+    rigidity_loss,
     vertebra_indicators,
     volume_loss,
 )
@@ -253,3 +254,141 @@ def test_num_points_must_be_an_int():
         rigid_field_loss(two_vertebrae(), torch.zeros(1, 3, *SHAPE), num_points=10.0)
     with pytest.raises(InputError):
         rigid_field_loss(two_vertebrae(), torch.zeros(1, 3, *SHAPE), num_points=2)
+
+
+# ------------------------------------------------------------------------- fast path == full-grid definition
+def reference_terms(labels, field, spacing, vertebra_weights=None):
+    """The losses as first written: every vertebra warped on the whole grid, J on the whole grid, one fit each.
+
+    Returns ``{name: scalar}`` for the five losses (dense rigid field).
+    """
+    from SpineRigidRegLib.jacobian import determinant, jacobian_matrix, orthonormality_residual
+    from SpineRigidRegLib.rigid import fit_rigid_to_regions, rigid_displacement
+    from SpineRigidRegLib.warp import warp
+
+    indicators, present, values = vertebra_indicators(labels, dtype=field.dtype)
+    weights = torch.tensor([float((vertebra_weights or {}).get(v, 1.0)) for v in values], dtype=field.dtype)
+    active = present & (weights > 0)[None]
+    region = warp(indicators, field)
+    mass = region.flatten(2).sum(-1)
+    jac = jacobian_matrix(field, spacing)
+
+    def region_mean(values_):
+        return torch.einsum("bnv,bv->bn", region.flatten(2), values_.flatten(1)) / mass.clamp_min(1e-6)
+
+    rot, trans = fit_rigid_to_regions(region.detach().clamp_min(0.0), field.detach(), spacing)
+    scale = torch.tensor(spacing, dtype=field.dtype).view(1, 3, 1, 1, 1)
+    field_terms, dice_terms = [], []
+    for c in range(len(values)):
+        rigid_field = rigid_displacement(rot[:, c], trans[:, c], SHAPE, spacing)
+        squared = ((rigid_field * scale - field * scale) ** 2).sum(1)
+        field_terms.append((region[:, c] * squared).flatten(1).sum(1) / mass[:, c].clamp_min(1e-6))
+        rigid = warp(indicators[:, c : c + 1], rigid_field)
+        soft = region[:, c : c + 1]
+        norm = (rigid**2).flatten(1).sum(1) + (soft**2).flatten(1).sum(1)
+        dice_terms.append(1.0 - 2.0 * (rigid * soft).flatten(1).sum(1) / norm.clamp_min(1e-6))
+    original = indicators.flatten(2).sum(-1).clamp_min(1.0)
+    terms = {
+        "pc": region_mean((determinant(jac) - 1.0) ** 2),
+        "oc": region_mean(orthonormality_residual(jac)),
+        "volume": ((mass - original) / original) ** 2,
+        "rigid_field": torch.stack(field_terms, 1),
+        "rigid_dice": torch.stack(dice_terms, 1),
+    }
+
+    def reduce(t):
+        count = active.sum(1)
+        per_sample = torch.where(active, t * weights[None], torch.zeros_like(t)).sum(1) / count.clamp_min(1)
+        return per_sample[count > 0].mean()
+
+    return {name: reduce(t) for name, t in terms.items()}
+
+
+def scattered_vertebrae(batch: int = 2) -> torch.Tensor:
+    """Three vertebrae (values 3, 9, 40), one absent from the second sample, one in a corner of the grid."""
+    labels = torch.zeros(batch, 1, *SHAPE, dtype=torch.int64)
+    labels[..., 2:6, 4:11, 3:9] = 3
+    labels[..., 8:13, 5:12, 4:10] = 9
+    labels[0, :, 0:3, 0:3, 0:4] = 40  # near the border: part of it is mapped off the grid
+    return labels
+
+
+@pytest.mark.parametrize("amplitude", [1.0, 6.0])
+def test_fast_losses_equal_the_full_grid_definition(amplitude):
+    # The losses evaluate each warped vertebra only on a block around it; the values and gradients must be those of
+    # the full-grid definition for small and for large (folding, off-grid) displacements.
+    labels = scattered_vertebrae()
+    field = smooth_random_field(batch=2, seed=4, amplitude=amplitude).requires_grad_(True)
+    weights = {9: 2.5}
+    expected = reference_terms(labels, field, SPACING, weights)
+    for name in ALL:
+        value = RIGIDITY_LOSSES[name](labels, field, SPACING, vertebra_weights=weights)
+        (grad,) = torch.autograd.grad(value, field)
+        (grad_ref,) = torch.autograd.grad(expected[name], field, retain_graph=True)
+        assert float(value.detach()) == pytest.approx(float(expected[name].detach()), rel=1e-10, abs=1e-12), name
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-8, atol=1e-12 * float(grad_ref.abs().max()), msg=name)
+
+
+def test_warped_regions_vanish_outside_their_blocks():
+    from SpineRigidRegLib.losses.rigidity import _setup
+    from SpineRigidRegLib.warp import warp
+
+    labels = scattered_vertebrae()
+    field = smooth_random_field(batch=2, seed=7, amplitude=5.0)
+    setup = _setup(labels, field, SPACING, None, None)
+    full = warp(setup.indicators, field)
+    assert len(setup.boxes) == 3
+    for c, (box, region) in enumerate(zip(setup.boxes, setup.regions, strict=True)):
+        outside = full[:, c].clone()
+        outside[(slice(None), *box)] = 0
+        assert float(outside.abs().max()) == 0.0  # the block holds every voxel the vertebra reaches
+        torch.testing.assert_close(region[:, 0], full[(slice(None), c, *box)], rtol=0, atol=0)
+        assert all(b.start >= o.start and b.stop <= o.stop for b, o in zip(box, setup.block, strict=True))
+    sizes = [math.prod(s.stop - s.start for s in box) for box in setup.boxes]
+    assert min(sizes) < math.prod(SHAPE) / 2  # the blocks do save work here
+
+
+def test_a_vertebra_mapped_off_the_grid_counts_as_lost():
+    labels = two_vertebrae()
+    field = torch.zeros(1, 3, *SHAPE, dtype=torch.float64)
+    field[:, 0] = 40.0  # every voxel samples far beyond the moving grid: both warped vertebrae are empty
+    expected = reference_terms(labels, field, SPACING)
+    for name in ALL:
+        assert float(RIGIDITY_LOSSES[name](labels, field, SPACING)) == pytest.approx(float(expected[name]), abs=1e-12)
+    assert float(volume_loss(labels, field, SPACING)) == pytest.approx(1.0)
+
+
+def test_rigidity_loss_is_the_weighted_sum_of_the_losses():
+    labels = scattered_vertebrae()
+    field = smooth_random_field(batch=2, seed=2, amplitude=3.0).requires_grad_(True)
+    weights = {"rigid_field": 0.01, "pc": 0.1, "oc": 0.05, "rigid_dice": 0.3, "volume": 0.0}
+    combined = rigidity_loss(labels, field, weights, SPACING, vertebra_weights={3: 0.5})
+    separate = sum(
+        w * RIGIDITY_LOSSES[n](labels, field, SPACING, vertebra_weights={3: 0.5}) for n, w in weights.items()
+    )
+    (grad,) = torch.autograd.grad(combined, field)
+    (grad_ref,) = torch.autograd.grad(separate, field)
+    assert float(combined.detach()) == pytest.approx(float(separate.detach()), rel=1e-12)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-10, atol=1e-14)
+    empty = rigidity_loss(labels, field, {"pc": 0.0})
+    assert float(empty.detach()) == 0.0 and empty.requires_grad
+
+
+def test_rigidity_loss_rejects_bad_weights():
+    labels, field = two_vertebrae(), torch.zeros(1, 3, *SHAPE)
+    with pytest.raises(InputError):
+        rigidity_loss(labels, field, {"stiffness": 1.0})
+    with pytest.raises(InputError):
+        rigidity_loss(labels, field, {"pc": -1.0})
+    with pytest.raises(TypeError):
+        rigidity_loss(labels, field, {"pc": "1"})
+    with pytest.raises(TypeError):
+        rigidity_loss(labels, field, [("pc", 1.0)])
+
+
+def test_label_values_found_by_histogram_and_by_sort_agree():
+    labels = scattered_vertebrae()
+    labels[1, 0, 0, 0, 0] = 70000  # beyond the histogram's range: the sort path
+    _, _, values = vertebra_indicators(labels)
+    assert values == [3, 9, 40, 70000]
+    assert vertebra_indicators(scattered_vertebrae())[2] == [3, 9, 40]

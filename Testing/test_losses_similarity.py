@@ -268,3 +268,74 @@ def test_bad_parameters_raise():
         mind_loss(img, img, mask=torch.zeros_like(img))
     with pytest.raises(InputError):
         diffusion_loss(torch.zeros(1, 2, 4, 4, 4))
+
+
+# ------------------------------------------------------------------------- fast MIND == its first definition
+def reference_mind_ssc(image: torch.Tensor, radius: int = 2, d: int = 2, eps: float = 1e-6) -> torch.Tensor:
+    """MIND-SSC as first written: 3-D average pool over a replicate-padded volume, exp(-D / V)."""
+    from SpineRigidRegLib.losses.similarity import _SIX_NEIGHBOURS, _SSC_PAIRS
+
+    size = image.shape[2:]
+    padded = torch.nn.functional.pad(image, (d,) * 6, mode="replicate")
+
+    def shifted(offset):
+        k, j, i = (d + o * d for o in offset)
+        return padded[:, :, k : k + size[0], j : j + size[1], i : i + size[2]]
+
+    ssd = torch.cat([(shifted(_SIX_NEIGHBOURS[a]) - shifted(_SIX_NEIGHBOURS[b])) ** 2 for a, b in _SSC_PAIRS], 1)
+    if radius > 0:
+        ssd = torch.nn.functional.avg_pool3d(
+            torch.nn.functional.pad(ssd, (radius,) * 6, mode="replicate"), 2 * radius + 1, stride=1
+        )
+    ssd = ssd - ssd.min(dim=1, keepdim=True).values
+    variance = ssd.mean(dim=1, keepdim=True)
+    level = variance.mean(dim=(2, 3, 4), keepdim=True)
+    variance = torch.minimum(torch.maximum(variance, 1e-3 * level), 1e3 * level) + eps
+    return torch.exp(-ssd / variance)
+
+
+@pytest.mark.parametrize("matrix_axis_limit", [192, 8])
+def test_separable_box_mean_equals_the_3d_average_pool(monkeypatch, matrix_axis_limit):
+    from SpineRigidRegLib.losses import similarity
+
+    # a limit of 8 sends the two longer axes through the grouped-convolution path
+    monkeypatch.setattr(similarity, "_MAX_MATRIX_AXIS", matrix_axis_limit)
+    gen = torch.Generator().manual_seed(0)
+    volume = torch.rand(2, 3, 7, 9, 11, generator=gen, dtype=torch.float64)
+    for radius in (1, 2, 5):  # 5: the box is wider than the 7-voxel axis
+        padded = torch.nn.functional.pad(volume, (radius,) * 6, mode="replicate")
+        expected = torch.nn.functional.avg_pool3d(padded, 2 * radius + 1, stride=1)
+        torch.testing.assert_close(similarity._box_mean(volume, radius), expected, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize(("radius", "dilation"), [(2, 2), (1, 1), (0, 3)])
+def test_mind_equals_its_average_pool_definition(radius, dilation):
+    fixed = smooth_phantom(16)
+    moving = (smooth_phantom(16, shift=1.5) + 0.05 * torch.rand(1, 1, 16, 16, 16, dtype=torch.float64)).clamp(0, 1)
+    moving.requires_grad_(True)
+    torch.testing.assert_close(
+        mind_ssc(moving, radius, dilation), reference_mind_ssc(moving, radius, dilation), rtol=1e-10, atol=1e-12
+    )
+    value = mind_loss(fixed, moving, radius, dilation)
+    expected = (
+        (reference_mind_ssc(fixed, radius, dilation) - reference_mind_ssc(moving, radius, dilation)) ** 2
+    ).mean()
+    (grad,) = torch.autograd.grad(value, moving)
+    (grad_ref,) = torch.autograd.grad(expected, moving)
+    assert float(value.detach()) == pytest.approx(float(expected.detach()), rel=1e-10)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-8, atol=1e-10 * float(grad_ref.abs().max()))
+
+
+def test_mind_loss_reuses_a_precomputed_fixed_descriptor():
+    fixed, moving = smooth_phantom(12), smooth_phantom(12, shift=1.0).requires_grad_(True)
+    descriptor = mind_ssc(fixed)
+    value = mind_loss(fixed, moving, fixed_descriptor=descriptor)
+    expected = mind_loss(fixed, moving)
+    assert float(value.detach()) == float(expected.detach())
+    torch.testing.assert_close(
+        torch.autograd.grad(value, moving)[0], torch.autograd.grad(expected, moving)[0], rtol=0, atol=0
+    )
+    with pytest.raises(InputError):
+        mind_loss(fixed, moving, fixed_descriptor=descriptor[:, :6])
+    with pytest.raises(InputError):
+        mind_loss(fixed, moving, fixed_descriptor=descriptor[..., :-1])

@@ -61,12 +61,9 @@ def jacobian_matrix(displacement: torch.Tensor, spacing: Sequence[float] | None 
 
 def determinant(matrix: torch.Tensor) -> torch.Tensor:
     """Determinant of per-voxel 3x3 matrices ``(B, 3, 3, D, H, W)`` -> ``(B, 1, D, H, W)``."""
-    a = matrix
-    det = (
-        a[:, 0, 0] * (a[:, 1, 1] * a[:, 2, 2] - a[:, 1, 2] * a[:, 2, 1])
-        - a[:, 0, 1] * (a[:, 1, 0] * a[:, 2, 2] - a[:, 1, 2] * a[:, 2, 0])
-        + a[:, 0, 2] * (a[:, 1, 0] * a[:, 2, 1] - a[:, 1, 1] * a[:, 2, 0])
-    )
+    # unbind, not a[:, i, j]: each indexed element would cost a zero-filled 3x3 field in the backward pass.
+    (a00, a01, a02), (a10, a11, a12), (a20, a21, a22) = (row.unbind(1) for row in matrix.unbind(1))
+    det = a00 * (a11 * a22 - a12 * a21) - a01 * (a10 * a22 - a12 * a20) + a02 * (a10 * a21 - a11 * a20)
     return det[:, None]
 
 

@@ -87,7 +87,7 @@ class RegistrationOutput(NamedTuple):
 
 
 def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv3d(in_channels, out_channels, 3, padding=1), nn.LeakyReLU(0.2))
+    return nn.Sequential(nn.Conv3d(in_channels, out_channels, 3, padding=1), nn.LeakyReLU(0.2, inplace=True))
 
 
 class RegistrationNet(nn.Module):

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 
 from .errors import CancelledError, InputError
-from .losses.rigidity import RIGIDITY_LOSSES
-from .losses.similarity import SIMILARITY_LOSSES
+from .losses.rigidity import rigidity_loss
+from .losses.similarity import SIMILARITY_LOSSES, mind_ssc
 from .losses.smoothness import diffusion_loss
 from .warp import identity_grid, integrate_velocity, sample_at, warp
 
@@ -58,9 +59,9 @@ def to_grid(volume: torch.Tensor, shape: Sequence[int], mode: str = "bilinear") 
     if tuple(volume.shape[2:]) == tuple(shape):
         return volume
     scale = [(big - 1) / max(small - 1, 1) for big, small in zip(volume.shape[2:], shape)]
-    coords = identity_grid(shape, volume.device, torch.float32) * torch.tensor(
-        scale, device=volume.device
-    ).view(1, 3, 1, 1, 1)
+    coords = identity_grid(shape, volume.device, torch.float32) * torch.tensor(scale, device=volume.device).view(
+        1, 3, 1, 1, 1
+    )
     return sample_at(volume.float(), coords, mode=mode, padding_mode="border").to(volume.dtype)
 
 
@@ -105,6 +106,8 @@ def refine_velocity(
     moving_g = to_grid(moving, grid)
     labels_g = to_grid(moving_labels.float(), grid, mode="nearest").long()
     similarity = SIMILARITY_LOSSES[weights.similarity]
+    if weights.similarity == "mind":  # the fixed image's descriptor is the same at every step
+        similarity = partial(similarity, fixed_descriptor=mind_ssc(fixed_g))
     rigidity = {name: getattr(weights, name) for name in RIGIDITY_TERMS if getattr(weights, name) > 0}
     if point_pairs is not None:
         scale = torch.tensor(ratio, dtype=torch.float32, device=velocity.device)
@@ -121,9 +124,9 @@ def refine_velocity(
         # Border padding: zero padding would put an artificial edge into the warped image that MIND latches onto.
         loss = weights.similarity_weight * similarity(fixed_g, warp(moving_g, displacement, padding_mode="border"))
         loss = loss + weights.smooth * diffusion_loss(v)
-        for name, weight in rigidity.items():
-            loss = loss + weight * RIGIDITY_LOSSES[name](
-                labels_g, displacement, spacing=grid_spacing, vertebra_weights=vertebra_weights
+        if rigidity:
+            loss = loss + rigidity_loss(
+                labels_g, displacement, rigidity, spacing=grid_spacing, vertebra_weights=vertebra_weights
             )
         if point_pairs is not None and weights.points > 0:
             mapped = sources + sample_at(displacement, sources, padding_mode="border")

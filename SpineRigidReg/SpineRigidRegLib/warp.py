@@ -8,6 +8,7 @@ ever stored in a model's state dict.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -21,13 +22,45 @@ from .validation import check_label_tensor, check_tensor
 #: The paper's number of scaling-and-squaring steps (velocity divided by 2**7 = 128).
 DEFAULT_INTEGRATION_STEPS = 7
 
+# ATen's 3-D grid_sample on the CPU runs one thread per batch sample, so a single sample uses one core whatever
+# torch.get_num_threads() says. Splitting the sampled points of a lone sample into chunks that share the volume (an
+# expanded view, no copy) lets the kernel use every thread; the result is the same (the volume's gradient is summed
+# over the chunks, so only its rounding can differ). The volume's gradient then takes one volume per chunk, hence
+# the memory cap.
+_MAX_CPU_CHUNKS = 8
+_MIN_POINTS_PER_CHUNK = 4096
+_CHUNK_GRAD_BYTES = 256 * 2**20
+
+# Identity grids by (shape, device, dtype): a small least-recently-used cache of read-only module-level tensors,
+# never registered in any nn.Module (so never in a state dict).
+_IDENTITY_CACHE: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+_IDENTITY_CACHE_SIZE = 8
+
 
 def identity_grid(
     shape: Sequence[int], device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """Voxel coordinates of a grid: ``(1, 3, D, H, W)``, channel ``c`` = index along array axis ``c``."""
-    axes = [torch.arange(int(s), device=device, dtype=dtype) for s in shape]
-    return torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]
+    """Voxel coordinates of a grid: ``(1, 3, D, H, W)``, channel ``c`` = index along array axis ``c``.
+
+    Returns a new tensor that the caller may modify.
+    """
+    return _cached_identity(shape, device, dtype).clone()
+
+
+def _cached_identity(shape: Sequence[int], device: torch.device | str | None, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`identity_grid` from the cache; the result is shared and must not be modified in place."""
+    device = torch.device("cpu") if device is None else torch.device(device)
+    key = (tuple(int(s) for s in shape), device, dtype)
+    grid = _IDENTITY_CACHE.get(key)
+    if grid is None:
+        axes = [torch.arange(int(s), device=device, dtype=dtype) for s in shape]
+        grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]
+        _IDENTITY_CACHE[key] = grid
+        while len(_IDENTITY_CACHE) > _IDENTITY_CACHE_SIZE:
+            _IDENTITY_CACHE.popitem(last=False)
+    else:
+        _IDENTITY_CACHE.move_to_end(key)
+    return grid
 
 
 def sample_at(
@@ -41,7 +74,39 @@ def sample_at(
     if coords.shape[0] != volume.shape[0] and coords.shape[0] == 1:
         coords = coords.expand(volume.shape[0], *coords.shape[1:])
     normalized = voxel_to_normalized(coords, volume.shape[2:])
-    return F.grid_sample(volume, normalized, mode=mode, padding_mode=padding_mode, align_corners=ALIGN_CORNERS)
+    return _grid_sample(volume, normalized, mode, padding_mode)
+
+
+def _grid_sample(volume: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
+    """``F.grid_sample`` (``align_corners`` of :mod:`.geometry`) of ``volume`` ``(B, C, D, H, W)`` at a normalised
+    ``grid`` ``(B, D', H', W', 3)``, with a single CPU sample split into chunks of ``D'`` to use every thread."""
+    chunks = _cpu_chunks(volume, grid)
+    if chunks <= 1:
+        return F.grid_sample(volume, grid, mode=mode, padding_mode=padding_mode, align_corners=ALIGN_CORNERS)
+    depth, rest = grid.shape[1], grid.shape[2:4]
+    per = -(-depth // chunks)
+    extra = per * chunks - depth
+    if extra:  # repeat the last slab so that every chunk has the same size; its samples are dropped below
+        grid = torch.cat([grid, grid[:, -1:].expand(1, extra, *grid.shape[2:])], dim=1)
+    out = F.grid_sample(
+        volume.expand(chunks, *volume.shape[1:]),
+        grid.reshape(chunks, per, *grid.shape[2:]),
+        mode=mode,
+        padding_mode=padding_mode,
+        align_corners=ALIGN_CORNERS,
+    )
+    out = out.transpose(0, 1).reshape(1, volume.shape[1], chunks * per, *rest)
+    return out[:, :, :depth] if extra else out
+
+
+def _cpu_chunks(volume: torch.Tensor, grid: torch.Tensor) -> int:
+    if volume.device.type != "cpu" or volume.dim() != 5 or volume.shape[0] != 1 or grid.shape[0] != 1:
+        return 1
+    points = grid.shape[1:4].numel()
+    chunks = min(torch.get_num_threads(), _MAX_CPU_CHUNKS, grid.shape[1], points // _MIN_POINTS_PER_CHUNK)
+    if volume.requires_grad:
+        chunks = min(chunks, _CHUNK_GRAD_BYTES // max(volume.numel() * volume.element_size(), 1))
+    return max(chunks, 1)
 
 
 def warp(
@@ -57,7 +122,7 @@ def warp(
         raise InputError(
             f"volume grid {tuple(volume.shape[2:])} and displacement grid {tuple(displacement.shape[2:])} differ"
         )
-    grid = identity_grid(displacement.shape[2:], displacement.device, displacement.dtype)
+    grid = _cached_identity(displacement.shape[2:], displacement.device, displacement.dtype)
     return sample_at(volume, grid + displacement, mode=mode, padding_mode=padding_mode)
 
 
@@ -140,7 +205,7 @@ def resize_displacement(displacement: torch.Tensor, shape: Sequence[int]) -> tor
     shape = tuple(int(s) for s in shape)
     if shape == tuple(displacement.shape[2:]):
         return displacement
-    scale = [(new - 1) / max(old - 1, 1) for new, old in zip(shape, displacement.shape[2:])]
+    scale = [(new - 1) / max(old - 1, 1) for new, old in zip(shape, displacement.shape[2:], strict=True)]
     resized = F.interpolate(displacement, size=shape, mode="trilinear", align_corners=ALIGN_CORNERS)
     return resized * torch.tensor(scale, dtype=resized.dtype, device=resized.device).view(1, 3, 1, 1, 1)
 

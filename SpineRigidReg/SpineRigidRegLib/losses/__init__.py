@@ -6,6 +6,7 @@ from .rigidity import (
     properness_loss,
     rigid_dice_loss,
     rigid_field_loss,
+    rigidity_loss,
     vertebra_indicators,
     volume_loss,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "properness_loss",
     "rigid_dice_loss",
     "rigid_field_loss",
+    "rigidity_loss",
     "vertebra_indicators",
     "volume_loss",
 ]

@@ -1,0 +1,283 @@
+"""Subject folders (one CT/MR case per folder) and the real TotalSegmentator example case.
+
+File naming in a subject folder
+    Every file (or DICOM folder) is classified by the words of its name, split at anything that is not a letter or
+    digit and compared case-insensitively, once the ending is removed:
+
+    - modality: ``ct`` -> CT; ``mr``, ``mri``, ``t1``, ``t1w``, ``t2``, ``t2w`` -> MR. A name with neither (or both)
+      is ignored.
+    - role: landmarks for ``.mrk.json``, ``.json``, ``.fcsv``, ``.csv`` files; labels when a word is ``seg``,
+      ``segmentation``, ``label``, ``labels``, ``labelmap``, ``vertebrae``, ``vert``, ``mask`` (or starts with
+      ``seg``/``label``); otherwise the image.
+
+    Images may be ``.nii``, ``.nii.gz``, ``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd`` or a DICOM series folder. So
+    ``ct.nii.gz``, ``ct_vertebrae.nii.gz`` (or ``ct_seg.nrrd``, ``CT-labels.mha``), ``mr.nii.gz`` (or ``T1w.nii.gz``,
+    a ``mr/`` DICOM folder), ``mr_vertebrae.nii.gz``, ``ct_landmarks.mrk.json`` and ``mr_landmarks.fcsv`` form a
+    subject. The CT, its labels and the MR are required; MR labels and the two landmark files are optional. Two
+    candidates for one role is an error (the message lists them).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..errors import InputError
+from ..geometry import Geometry
+from ..io import IMAGE_SUFFIXES, PathLike, read_image, read_landmarks
+from ..preprocess import resample_isotropic, resample_to_reference
+from .vertebrae import TOTALSEGMENTATOR, vertebra_labels_only
+
+logger = logging.getLogger(__name__)
+
+_CT_WORDS = {"ct"}
+_MR_WORDS = {"mr", "mri", "t1", "t1w", "t2", "t2w"}
+_LABEL_WORDS = {"seg", "segmentation", "label", "labels", "labelmap", "vertebrae", "vert", "mask"}
+_LANDMARK_SUFFIXES = (".mrk.json", ".json", ".fcsv", ".csv")
+_ROLES = ("ct", "ct_labels", "mr", "mr_labels", "ct_landmarks", "mr_landmarks")
+_REQUIRED = {
+    "ct": "a CT image (e.g. ct.nii.gz)",
+    "ct_labels": "a CT vertebra label map (e.g. ct_vertebrae.nii.gz or ct_seg.nii.gz)",
+    "mr": "an MR image (e.g. mr.nii.gz)",
+}
+
+#: The TotalSegmentator example files under the shared data folder.
+TOTALSEGMENTATOR_EXAMPLE = "totalsegmentator-examples"
+
+
+@dataclass(frozen=True)
+class Subject:
+    """The files of one case.
+
+    Attributes:
+        name: The folder's name.
+        ct: CT image (file or DICOM folder).
+        ct_labels: CT vertebra label map.
+        mr: MR image.
+        mr_labels: Optional MR vertebra labels (evaluation).
+        ct_landmarks: Optional CT vertebra centres.
+        mr_landmarks: Optional MR vertebra centres.
+    """
+
+    name: str
+    ct: Path
+    ct_labels: Path
+    mr: Path
+    mr_labels: Path | None = None
+    ct_landmarks: Path | None = None
+    mr_landmarks: Path | None = None
+
+    def read(self) -> dict[str, object]:
+        """Read every file present: ``{role: sitk.Image or landmark dict}`` for the roles of the dataclass."""
+        out: dict[str, object] = {}
+        for role in _ROLES:
+            path = getattr(self, role)
+            if path is not None:
+                out[role] = read_landmarks(path) if role.endswith("landmarks") else read_image(path)
+        return out
+
+
+def _strip_suffix(name: str) -> tuple[str, str]:
+    lowered = name.lower()
+    for suffix in sorted(IMAGE_SUFFIXES + _LANDMARK_SUFFIXES, key=len, reverse=True):
+        if lowered.endswith(suffix):
+            return name[: -len(suffix)], suffix
+    return name, ""
+
+
+def classify(path: Path) -> str | None:
+    """The role of a file or folder in a subject folder (one of the :class:`Subject` fields), or ``None``."""
+    stem, suffix = _strip_suffix(path.name)
+    if path.is_dir():
+        suffix = "dicom"
+    elif suffix not in IMAGE_SUFFIXES and suffix not in _LANDMARK_SUFFIXES:
+        return None
+    words = [w for w in re.split(r"[^a-z0-9]+", stem.lower()) if w]
+    is_ct, is_mr = bool(_CT_WORDS & set(words)), bool(_MR_WORDS & set(words))
+    if is_ct == is_mr:
+        return None
+    modality = "ct" if is_ct else "mr"
+    if suffix in _LANDMARK_SUFFIXES:
+        return f"{modality}_landmarks"
+    if any(w in _LABEL_WORDS or w.startswith(("seg", "label")) for w in words):
+        return f"{modality}_labels"
+    return modality
+
+
+def _candidates(folder: Path) -> dict[str, list[Path]]:
+    found: dict[str, list[Path]] = {role: [] for role in _ROLES}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):
+            continue
+        role = classify(path)
+        if role is None:
+            logger.debug("ignoring %s (its name names no role)", path)
+            continue
+        found[role].append(path)
+    return found
+
+
+def load_subject(folder: PathLike) -> Subject:
+    """Find the files of one case in ``folder`` by their names (see the module docstring).
+
+    Raises:
+        InputError: The folder is missing, lacks the CT, its labels or the MR, or holds two candidates for a role.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"subject folder not found: {folder}")
+    found = _candidates(folder)
+    for role, paths in found.items():
+        if len(paths) > 1:
+            names = ", ".join(p.name for p in paths)
+            raise InputError(f"subject folder {folder} is ambiguous: several files could be the {role} ({names})")
+    missing = [description for role, description in _REQUIRED.items() if not found[role]]
+    if missing:
+        raise InputError(f"subject folder {folder} lacks {'; '.join(missing)}")
+    return Subject(name=folder.name, **{role: (paths[0] if paths else None) for role, paths in found.items()})
+
+
+def find_subjects(root: PathLike, skip_invalid: bool = False) -> list[Subject]:
+    """All subjects under ``root``: each sub-folder holding CT or MR files, in name order (or ``root`` itself).
+
+    Args:
+        root: A folder of subject folders, or a single subject folder.
+        skip_invalid: Log and skip broken subject folders instead of raising.
+
+    Raises:
+        InputError: ``root`` is missing or holds no subject, or (without ``skip_invalid``) a subject folder is
+            broken.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"subjects folder not found: {root}")
+    subjects = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if classify(folder) is not None or not any(_candidates(folder).values()):
+            continue  # a DICOM folder of a single subject at the root, or an unrelated folder
+        try:
+            subjects.append(load_subject(folder))
+        except InputError as error:
+            if not skip_invalid:
+                raise
+            logger.warning("skipping %s: %s", folder, error)
+    if not subjects and any(_candidates(root).values()):
+        subjects.append(load_subject(root))
+    if not subjects:
+        raise InputError(f"no subject found under {root} (expected folders holding ct.*, ct_vertebrae.*, mr.*)")
+    return subjects
+
+
+# ---------------------------------------------------------------------------------------------- real example
+
+
+@dataclass
+class RealCase:
+    """A real CT with its vertebra labels on the CT grid.
+
+    Attributes:
+        ct: float32 CT in HU.
+        labels: uint16 vertebra labels (TotalSegmentator numbering), same grid as ``ct``.
+        scheme: The label numbering.
+        source: Where the files came from.
+    """
+
+    ct: sitk.Image
+    labels: sitk.Image
+    scheme: str
+    source: str
+
+
+def labels_on_image_grid(labels: sitk.Image, image: sitk.Image) -> sitk.Image:
+    """A label map placed on an image's grid by physical position (nearest neighbour; 0 outside the label map)."""
+    return resample_to_reference(labels, image, is_label=True, default_value=0)
+
+
+def label_bounding_box(labels: sitk.Image, margin_mm: float = 0.0) -> tuple[list[int], list[int]] | None:
+    """ITK-order voxel box ``[start, stop)`` of the non-zero labels grown by ``margin_mm`` and clipped to the grid;
+    ``None`` for an empty map."""
+    array = sitk.GetArrayViewFromImage(labels)
+    nonzero = np.nonzero(array)
+    if nonzero[0].size == 0:
+        return None
+    size = labels.GetSize()
+    start, stop = [], []
+    for axis_itk in range(3):
+        axis_array = 2 - axis_itk
+        grow = int(np.ceil(margin_mm / labels.GetSpacing()[axis_itk]))
+        start.append(max(int(nonzero[axis_array].min()) - grow, 0))
+        stop.append(min(int(nonzero[axis_array].max()) + grow + 1, size[axis_itk]))
+    return start, stop
+
+
+def crop_to_labels(
+    image: sitk.Image, labels: sitk.Image, margin_mm: float = 20.0, max_in_plane_mm: float = 0.0
+) -> tuple[sitk.Image, sitk.Image]:
+    """Crop an image and its labels (same grid) to the labelled region grown by ``margin_mm``.
+
+    Args:
+        image: The image.
+        labels: Labels on the same grid.
+        margin_mm: Margin around the labels.
+        max_in_plane_mm: Keep the whole in-plane (``i``, ``j``) field of view when it is no larger than this in both
+            directions (a small body stays whole); 0 always crops in-plane too.
+
+    Returns:
+        The cropped image and labels (same physical positions, smaller grid).
+    """
+    if not Geometry.of(image).same_grid(Geometry.of(labels)):
+        raise InputError("image and labels must share a grid before cropping")
+    box = label_bounding_box(labels, margin_mm)
+    if box is None:
+        raise InputError("the label map is empty; nothing to crop around")
+    start, stop = box
+    size, spacing = image.GetSize(), image.GetSpacing()
+    if all((size[a] - 1) * spacing[a] <= max_in_plane_mm for a in (0, 1)):
+        start[0], start[1], stop[0], stop[1] = 0, 0, size[0], size[1]
+    region = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
+    return image[region], labels[region]
+
+
+def load_real_case(
+    shared_data_dir: PathLike,
+    spacing: float | None = 1.0,
+    margin_mm: float = 20.0,
+    max_in_plane_mm: float = 160.0,
+) -> RealCase:
+    """The TotalSegmentator example CT with its vertebrae (L2, L1, T12, T11), ready for synthesis or registration.
+
+    The example label map covers only the first 30 of the CT's 112 slices (same origin, spacing and direction), so
+    it is placed on the CT grid by physical position (nearest neighbour, 0 where it has no slice); only vertebra
+    labels are kept; the CT and labels are cropped around the vertebrae with ``margin_mm`` (the whole in-plane field
+    of view is kept when no larger than ``max_in_plane_mm``), then resampled to ``spacing`` mm cubes (linear for the
+    CT, nearest for the labels).
+
+    Args:
+        shared_data_dir: The shared data folder (holding ``totalsegmentator-examples/``) or that sub-folder itself.
+        spacing: Output voxel size (mm); ``None`` keeps the native 3 mm grid.
+        margin_mm: Crop margin around the vertebrae.
+        max_in_plane_mm: See above.
+
+    Raises:
+        InputError: The files are missing or hold no vertebra.
+    """
+    folder = Path(shared_data_dir)
+    if (folder / TOTALSEGMENTATOR_EXAMPLE).is_dir():
+        folder = folder / TOTALSEGMENTATOR_EXAMPLE
+    ct_path, seg_path = folder / "example_ct.nii.gz", folder / "example_seg.nii.gz"
+    for path in (ct_path, seg_path):
+        if not path.is_file():
+            raise InputError(f"TotalSegmentator example file not found: {path}")
+    ct = sitk.Cast(read_image(ct_path), sitk.sitkFloat32)
+    labels = vertebra_labels_only(labels_on_image_grid(read_image(seg_path), ct), TOTALSEGMENTATOR)
+    labels = sitk.Cast(labels, sitk.sitkUInt16)
+    ct, labels = crop_to_labels(ct, labels, margin_mm, max_in_plane_mm)
+    if spacing is not None:
+        ct = resample_isotropic(ct, spacing)
+        labels = resample_isotropic(labels, spacing, is_label=True)
+    return RealCase(ct=ct, labels=labels, scheme=TOTALSEGMENTATOR, source=str(folder))

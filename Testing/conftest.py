@@ -1,0 +1,40 @@
+"""Shared pytest fixtures: the real-data folder and a seeded random generator."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+#: ``../shared/data`` relative to the repository root (present in the development workspace and in CI only).
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared real-data folder; the test is skipped when it is absent (a fresh clone has no ``../shared``)."""
+    if not (SHARED_DATA / "totalsegmentator-examples").is_dir():
+        pytest.skip(f"real data not available: {SHARED_DATA} is absent (it exists only beside the development repo)")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def seed() -> int:
+    """A fixed seed; also seeds torch's and numpy's global generators for the test."""
+    torch.manual_seed(1234)
+    np.random.seed(1234)
+    return 1234
+
+
+@pytest.fixture
+def rng(seed: int) -> np.random.Generator:
+    """A seeded numpy generator."""
+    return np.random.default_rng(seed)
+
+
+@pytest.fixture
+def generator(seed: int) -> torch.Generator:
+    """A seeded CPU torch generator."""
+    return torch.Generator().manual_seed(seed)
