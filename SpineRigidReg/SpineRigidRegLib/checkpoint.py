@@ -129,5 +129,11 @@ def select_device(requested: str | None = "auto") -> torch.device:
     if requested.startswith("cuda"):
         if not torch.cuda.is_available():
             raise InputError("a CUDA GPU was requested but none is available (use --device cpu or auto)")
-        return torch.device(requested)
+        try:
+            device = torch.device(requested)
+        except RuntimeError as error:
+            raise InputError(f"unknown device {requested!r}: use auto, cpu, cuda or cuda:N") from error
+        if device.type != "cuda" or (device.index or 0) >= torch.cuda.device_count():
+            raise InputError(f"no GPU {requested!r}: {torch.cuda.device_count()} CUDA device(s) available")
+        return device
     raise InputError(f"unknown device {requested!r}: use auto, cpu or cuda")

@@ -31,6 +31,7 @@ import SimpleITK as sitk
 import torch
 
 from .errors import InputError
+from .validation import check_image, check_points, check_tensor
 
 ALIGN_CORNERS = True
 
@@ -55,11 +56,17 @@ class Geometry:
     direction: tuple[float, ...]  # 9 values, row-major, as SimpleITK's GetDirection()
 
     def __post_init__(self) -> None:
-        if len(self.shape) != 3 or min(self.shape) < 1:
+        if len(self.shape) != 3 or min(self.shape) < 1 or not all(float(s).is_integer() for s in self.shape):
             raise InputError(f"a 3D grid needs three positive sizes, got {self.shape}")
         if len(self.spacing) != 3 or min(self.spacing) <= 0 or not np.all(np.isfinite(self.spacing)):
             raise InputError(f"spacing must be three positive numbers (mm), got {self.spacing}")
-        if len(self.direction) != 9 or abs(abs(np.linalg.det(self.direction_matrix)) - 1.0) > 1e-3:
+        if len(self.origin) != 3 or not np.all(np.isfinite(self.origin)):
+            raise InputError(f"origin must be three finite numbers (mm), got {self.origin}")
+        if (
+            len(self.direction) != 9
+            or not np.all(np.isfinite(self.direction))
+            or abs(abs(np.linalg.det(self.direction_matrix)) - 1.0) > 1e-3
+        ):
             raise InputError(f"direction must be an orthonormal 3x3 matrix, got {self.direction}")
 
     @property
@@ -75,8 +82,7 @@ class Geometry:
     @classmethod
     def of(cls, image: sitk.Image) -> Geometry:
         """The geometry of a 3D SimpleITK image."""
-        if image.GetDimension() != 3:
-            raise InputError(f"expected a 3D image, got a {image.GetDimension()}D image")
+        check_image(image, components=None)
         size = image.GetSize()
         return cls(
             shape=(size[2], size[1], size[0]),
@@ -89,6 +95,10 @@ class Geometry:
     def from_index_to_lps(cls, shape: Sequence[int], matrix: np.ndarray) -> Geometry:
         """Build a geometry from an array-order shape and a 4x4 ``(i, j, k, 1) -> LPS`` matrix."""
         m = np.asarray(matrix, dtype=np.float64)
+        if m.shape not in ((4, 4), (3, 4)):
+            raise InputError(f"an index-to-physical matrix must be 4x4, got shape {m.shape}")
+        if not np.all(np.isfinite(m)):
+            raise InputError("the index-to-physical matrix contains NaN or infinite values")
         linear = m[:3, :3]
         spacing = np.linalg.norm(linear, axis=0)
         if np.any(spacing <= 0):
@@ -104,7 +114,10 @@ class Geometry:
     @classmethod
     def from_ijk_to_ras(cls, shape: Sequence[int], ijk_to_ras: np.ndarray) -> Geometry:
         """Build a geometry from Slicer's 4x4 IJK-to-RAS matrix and an array-order shape."""
-        return cls.from_index_to_lps(shape, lps_to_ras_matrix() @ np.asarray(ijk_to_ras, dtype=np.float64))
+        m = np.asarray(ijk_to_ras, dtype=np.float64)
+        if m.shape != (4, 4):
+            raise InputError(f"an IJK-to-RAS matrix must be 4x4, got shape {m.shape}")
+        return cls.from_index_to_lps(shape, lps_to_ras_matrix() @ m)
 
     def index_to_lps(self) -> np.ndarray:
         """4x4 matrix mapping ITK-order voxel indices ``(i, j, k, 1)`` to LPS mm."""
@@ -175,15 +188,16 @@ def lps_to_ras_matrix() -> np.ndarray:
 
 def apply_matrix(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     """Apply a 4x4 homogeneous matrix to ``(N, 3)`` points."""
-    pts = np.asarray(points, dtype=np.float64)
-    if pts.ndim != 2 or pts.shape[1] != 3:
-        raise InputError(f"points must be an (N, 3) array, got shape {pts.shape}")
+    matrix = np.asarray(matrix, dtype=np.float64)
+    if matrix.shape != (4, 4):
+        raise InputError(f"matrix must be 4x4 (homogeneous), got shape {matrix.shape}")
+    pts = check_points(points)
     return pts @ matrix[:3, :3].T + matrix[:3, 3]
 
 
 def lps_points_to_ras(points: np.ndarray) -> np.ndarray:
     """``(N, 3)`` LPS points to RAS (or RAS to LPS: the conversion is symmetric)."""
-    return np.asarray(points, dtype=np.float64) @ LPS_TO_RAS
+    return check_points(points) @ LPS_TO_RAS
 
 
 ras_points_to_lps = lps_points_to_ras
@@ -191,11 +205,7 @@ ras_points_to_lps = lps_points_to_ras
 
 def image_to_tensor(image: sitk.Image, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A 3D SimpleITK scalar image as a ``(1, 1, D, H, W)`` tensor (array order)."""
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(
-            f"expected a 3D scalar image, got {image.GetDimension()}D with "
-            f"{image.GetNumberOfComponentsPerPixel()} component(s)"
-        )
+    check_image(image)
     array = sitk.GetArrayFromImage(image)
     if dtype.is_floating_point:
         array = array.astype(np.float32)
@@ -206,8 +216,12 @@ def image_to_tensor(image: sitk.Image, dtype: torch.dtype = torch.float32) -> to
 
 def tensor_to_image(tensor: torch.Tensor | np.ndarray, geometry: Geometry) -> sitk.Image:
     """A ``(D, H, W)``, ``(1, D, H, W)`` or ``(1, 1, D, H, W)`` tensor or array as a SimpleITK image on ``geometry``."""
+    if not isinstance(geometry, Geometry):
+        raise TypeError(f"geometry must be a Geometry, got {type(geometry).__name__}")
     array = tensor.detach().cpu().numpy() if isinstance(tensor, torch.Tensor) else np.asarray(tensor)
-    array = array.reshape(array.shape[-3:]) if array.ndim > 3 else array
+    if array.ndim < 3 or array.ndim > 5 or any(n != 1 for n in array.shape[:-3]):
+        raise InputError(f"expected a (D, H, W), (1, D, H, W) or (1, 1, D, H, W) array, got shape {array.shape}")
+    array = array.reshape(array.shape[-3:])
     if tuple(array.shape) != geometry.shape:
         raise InputError(f"array shape {array.shape} does not match the grid {geometry.shape}")
     return geometry.apply_to(sitk.GetImageFromArray(np.ascontiguousarray(array)))
@@ -224,6 +238,7 @@ def voxel_to_normalized(coords: torch.Tensor, sizes: Sequence[int] | None = None
         ``(B, D, H, W, 3)`` normalised coordinates with the last axis in ``grid_sample``'s ``(x, y, z)`` =
         ``(i, j, k)`` order, for ``align_corners=True``.
     """
+    check_tensor(coords, "voxel coordinates", ndim=5, channels=3, floating=True)
     sizes = coords.shape[2:] if sizes is None else sizes
     scale = torch.tensor([2.0 / max(int(s) - 1, 1) for s in sizes], dtype=coords.dtype, device=coords.device)
     normalized = coords * scale.view(1, 3, 1, 1, 1) - 1.0
@@ -241,6 +256,7 @@ def displacement_to_lps(displacement: torch.Tensor, geometry: Geometry) -> torch
         ``(B, 3, D, H, W)`` displacement in mm, channels ``(L, P, S)`` (ITK's x, y, z), ready for an ITK
         displacement-field transform.
     """
+    _check_field_on(displacement, geometry, "displacement")
     # Array-order voxel steps -> LPS: columns of direction @ diag(spacing), reordered to (k, j, i).
     m = geometry.array_index_to_lps()[:3, :3]
     m_t = torch.as_tensor(m, dtype=displacement.dtype, device=displacement.device)
@@ -249,6 +265,7 @@ def displacement_to_lps(displacement: torch.Tensor, geometry: Geometry) -> torch
 
 def displacement_from_lps(displacement_lps: torch.Tensor, geometry: Geometry) -> torch.Tensor:
     """Inverse of :func:`displacement_to_lps`: LPS mm ``(B, 3, D, H, W)`` to voxels in array order."""
+    _check_field_on(displacement_lps, geometry, "displacement (LPS mm)")
     m = np.linalg.inv(geometry.array_index_to_lps()[:3, :3])
     m_t = torch.as_tensor(m, dtype=displacement_lps.dtype, device=displacement_lps.device)
     return torch.einsum("cp,bpdhw->bcdhw", m_t, displacement_lps)
@@ -260,7 +277,8 @@ def displacement_field_image(displacement: torch.Tensor, geometry: Geometry) -> 
     The result can be wrapped in ``sitk.DisplacementFieldTransform`` or written as a ``.nii.gz``/``.nrrd`` that
     Slicer loads as a grid transform (fixed -> moving, the resampling direction).
     """
-    if displacement.dim() != 5 or displacement.shape[:2] != (1, 3):
+    _check_field_on(displacement, geometry, "displacement")
+    if displacement.shape[0] != 1:
         raise InputError(f"displacement must be (1, 3, D, H, W), got {tuple(displacement.shape)}")
     lps = displacement_to_lps(displacement.double(), geometry)[0].permute(1, 2, 3, 0).cpu().numpy()
     image = sitk.GetImageFromArray(np.ascontiguousarray(lps), isVector=True)
@@ -269,8 +287,16 @@ def displacement_field_image(displacement: torch.Tensor, geometry: Geometry) -> 
 
 def displacement_from_field_image(image: sitk.Image) -> tuple[torch.Tensor, Geometry]:
     """Read an ITK displacement-field vector image (LPS mm) back to ``(1, 3, D, H, W)`` voxels and its grid."""
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 3:
-        raise InputError("a displacement field must be a 3D image with 3 components per voxel")
+    check_image(image, "a displacement field", components=3)
     geometry = Geometry.of(image)
     lps = torch.from_numpy(sitk.GetArrayFromImage(image).astype(np.float64)).permute(3, 0, 1, 2)[None]
     return displacement_from_lps(lps, geometry).float(), geometry
+
+
+def _check_field_on(field: torch.Tensor, geometry: Geometry, name: str) -> None:
+    """Raise unless ``field`` is a finite ``(B, 3, D, H, W)`` float tensor on ``geometry``'s grid."""
+    check_tensor(field, name, ndim=5, channels=3, floating=True, finite=True)
+    if not isinstance(geometry, Geometry):
+        raise TypeError(f"geometry must be a Geometry, got {type(geometry).__name__}")
+    if tuple(field.shape[2:]) != geometry.shape:
+        raise InputError(f"{name} grid {tuple(field.shape[2:])} does not match the image grid {geometry.shape}")

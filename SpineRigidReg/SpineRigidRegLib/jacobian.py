@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .errors import InputError
 from .validation import check_spacing, check_tensor
 
 
@@ -24,8 +25,12 @@ def spatial_gradient(field: torch.Tensor, spacing: Sequence[float] | None = None
     Returns:
         ``(B, C, 3, D, H, W)``; ``[:, c, a]`` is ``d field_c / d x_a`` per mm along array axis ``a``.
     """
-    check_tensor(field, "field", ndim=5, floating=True)
+    check_tensor(field, "field", ndim=5, floating=True, finite=True)
     step = check_spacing(spacing)
+    return _spatial_gradient(field, step)
+
+
+def _spatial_gradient(field: torch.Tensor, step: tuple[float, float, float]) -> torch.Tensor:
     grads = []
     for axis, h in enumerate(step):
         dim = axis + 2
@@ -51,16 +56,17 @@ def jacobian_matrix(displacement: torch.Tensor, spacing: Sequence[float] | None 
     Returns:
         ``(B, 3, 3, D, H, W)``; ``J[:, c, a] = delta_ca + d u_c / d x_a`` with ``u`` in mm.
     """
-    check_tensor(displacement, "displacement", ndim=5, channels=3, floating=True)
+    check_tensor(displacement, "displacement", ndim=5, channels=3, floating=True, finite=True)
     step = check_spacing(spacing)
     scale = torch.tensor(step, dtype=displacement.dtype, device=displacement.device).view(1, 3, 1, 1, 1)
-    grad = spatial_gradient(displacement * scale, step)
+    grad = _spatial_gradient(displacement * scale, step)
     eye = torch.eye(3, dtype=displacement.dtype, device=displacement.device).view(1, 3, 3, 1, 1, 1)
     return grad + eye
 
 
 def determinant(matrix: torch.Tensor) -> torch.Tensor:
     """Determinant of per-voxel 3x3 matrices ``(B, 3, 3, D, H, W)`` -> ``(B, 1, D, H, W)``."""
+    _check_matrix_field(matrix)
     # unbind, not a[:, i, j]: each indexed element would cost a zero-filled 3x3 field in the backward pass.
     (a00, a01, a02), (a10, a11, a12), (a20, a21, a22) = (row.unbind(1) for row in matrix.unbind(1))
     det = a00 * (a11 * a22 - a12 * a21) - a01 * (a10 * a22 - a12 * a20) + a02 * (a10 * a21 - a11 * a20)
@@ -74,6 +80,13 @@ def jacobian_determinant(displacement: torch.Tensor, spacing: Sequence[float] | 
 
 def orthonormality_residual(jacobian: torch.Tensor) -> torch.Tensor:
     """``||J^T J - I||_F^2`` per voxel: ``(B, 3, 3, D, H, W)`` -> ``(B, 1, D, H, W)``; 0 for a rotation."""
+    _check_matrix_field(jacobian)
     jtj = torch.einsum("bcadhw,bcedhw->baedhw", jacobian, jacobian)
     eye = torch.eye(3, dtype=jacobian.dtype, device=jacobian.device).view(1, 3, 3, 1, 1, 1)
     return ((jtj - eye) ** 2).sum(dim=(1, 2))[:, None]
+
+
+def _check_matrix_field(matrix: torch.Tensor) -> None:
+    check_tensor(matrix, "Jacobian matrix field", ndim=6, floating=True)
+    if matrix.shape[1:3] != (3, 3):
+        raise InputError(f"Jacobian matrix field must be (B, 3, 3, D, H, W), got shape {tuple(matrix.shape)}")

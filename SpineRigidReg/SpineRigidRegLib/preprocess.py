@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .errors import InputError
 from .geometry import Geometry
+from .validation import check_image, check_shape3, check_tensor
 
 #: Lower and upper percentiles mapped to 0 and 1 by :func:`normalize_intensity`.
 NORMALIZATION_PERCENTILES = (0.5, 99.5)
@@ -38,7 +39,13 @@ def resample_to_reference(
         is_label: Nearest-neighbour interpolation and the input's integer pixel type; otherwise linear, float32.
         default_value: Value outside ``image``.
     """
-    ref = reference.reference_image() if isinstance(reference, Geometry) else reference
+    check_image(image)
+    if isinstance(reference, Geometry):
+        ref = reference.reference_image()
+    else:
+        ref = check_image(reference, "reference image", components=None)
+    if transform is not None and not isinstance(transform, sitk.Transform):
+        raise TypeError(f"transform must be a SimpleITK.Transform, got {type(transform).__name__}")
     interpolator = sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear
     pixel = image.GetPixelID() if is_label else sitk.sitkFloat32
     source = image if is_label else sitk.Cast(image, sitk.sitkFloat32)
@@ -47,8 +54,12 @@ def resample_to_reference(
 
 def isotropic_geometry(geometry: Geometry, spacing: float = 1.0) -> Geometry:
     """The grid of the same extent and direction as ``geometry`` with cubic voxels of ``spacing`` mm."""
-    if spacing <= 0:
-        raise InputError(f"spacing must be positive, got {spacing}")
+    if not isinstance(geometry, Geometry):
+        raise TypeError(f"geometry must be a Geometry, got {type(geometry).__name__}")
+    if isinstance(spacing, bool) or not isinstance(spacing, (int, float, np.floating, np.integer)):
+        raise TypeError(f"spacing must be a number (mm), got {type(spacing).__name__}")
+    if not np.isfinite(spacing) or spacing <= 0:
+        raise InputError(f"spacing must be a positive finite number (mm), got {spacing}")
     extent = [(n - 1) * s for n, s in zip(geometry.shape[::-1], geometry.spacing)]  # ITK order
     size_itk = [max(int(np.floor(e / spacing + 1e-6)) + 1, 1) for e in extent]
     return Geometry(
@@ -77,8 +88,19 @@ def normalize_intensity(
     Returns:
         ``(B, 1, D, H, W)`` float32 in [0, 1].
     """
-    if not bool(torch.isfinite(volume).all()):
+    check_tensor(volume, "image", ndim=5)
+    if volume.dtype == torch.bool or volume.is_complex():
+        raise TypeError(f"image must hold real numbers, got {volume.dtype}")
+    if volume.is_floating_point() and not bool(torch.isfinite(volume).all()):
         raise InputError("image contains NaN or infinite values")
+    if mask is not None:
+        check_tensor(mask, "normalisation mask", ndim=5)
+        if mask.dtype != torch.bool:
+            raise TypeError(f"normalisation mask must be a boolean tensor, got {mask.dtype}")
+        if mask.shape != volume.shape:
+            raise InputError(f"normalisation mask {tuple(mask.shape)} and image {tuple(volume.shape)} differ in shape")
+    if len(percentiles) != 2 or not 0.0 <= percentiles[0] < percentiles[1] <= 100.0:
+        raise InputError(f"percentiles must be two increasing values in [0, 100], got {tuple(percentiles)}")
     out = torch.empty_like(volume, dtype=torch.float32)
     q = torch.tensor([p / 100.0 for p in percentiles], dtype=torch.float32, device=volume.device)
     for b in range(volume.shape[0]):
@@ -108,8 +130,20 @@ class CropPad:
     start: tuple[int, int, int]
     shape: tuple[int, int, int]
 
+    def __post_init__(self) -> None:
+        check_shape3(self.source_shape, "crop source shape")
+        check_shape3(self.shape, "crop shape")
+        if len(self.start) != 3 or not all(float(s).is_integer() for s in self.start):
+            raise InputError(f"crop start must be three whole numbers, got {self.start!r}")
+        for a in range(3):  # a box that holds no voxel of the grid cannot be inverted
+            if self.start[a] >= self.source_shape[a] or self.start[a] + self.shape[a] <= 0:
+                raise InputError(
+                    f"crop box (start {self.start}, shape {self.shape}) misses the grid {self.source_shape}"
+                )
+
     def apply(self, volume: torch.Tensor, value: float = 0.0) -> torch.Tensor:
         """Cut the box out of ``(B, C, *source_shape)``, filling outside voxels with ``value``."""
+        check_tensor(volume, "volume", ndim=5)
         if tuple(volume.shape[2:]) != self.source_shape:
             raise InputError(f"volume {tuple(volume.shape[2:])} is not on the crop's grid {self.source_shape}")
         pad, slices = self._pads_and_slices()
@@ -118,6 +152,7 @@ class CropPad:
 
     def invert(self, volume: torch.Tensor, value: float = 0.0) -> torch.Tensor:
         """Put a ``(B, C, *shape)`` box back on the source grid; voxels the box does not cover get ``value``."""
+        check_tensor(volume, "volume", ndim=5)
         if tuple(volume.shape[2:]) != self.shape:
             raise InputError(f"volume {tuple(volume.shape[2:])} is not the crop's shape {self.shape}")
         out = volume.new_full((*volume.shape[:2], *self.source_shape), value)
@@ -134,6 +169,8 @@ class CropPad:
 
     def geometry(self, source: Geometry) -> Geometry:
         """The physical grid of the box, given the source grid's geometry."""
+        if not isinstance(source, Geometry):
+            raise TypeError(f"source must be a Geometry, got {type(source).__name__}")
         if source.shape != self.source_shape:
             raise InputError("geometry does not match the crop's source grid")
         origin = source.array_index_to_lps_points(np.array([self.start], dtype=np.float64))[0]
@@ -158,6 +195,10 @@ def crop_around(
 
     The box may extend beyond the source grid (the excess is padding).
     """
+    source_shape = check_shape3(source_shape, "source shape")
+    _check_multiple(multiple)
+    if len(box_start) != 3 or len(box_stop) != 3:
+        raise InputError(f"crop box start and stop need three values each, got {box_start!r} and {box_stop!r}")
     start, shape = [], []
     for a in range(3):
         length = int(box_stop[a]) - int(box_start[a])
@@ -173,6 +214,15 @@ def crop_around(
 def pad_to_multiple(volume: torch.Tensor, multiple: int, value: float = 0.0) -> tuple[torch.Tensor, CropPad]:
     """Pad ``(B, C, D, H, W)`` symmetrically so every spatial size is a multiple; returns the padded volume and
     the :class:`CropPad` whose :meth:`CropPad.invert` undoes it."""
+    check_tensor(volume, "volume", ndim=5)
+    _check_multiple(multiple)
     shape = tuple(int(s) for s in volume.shape[2:])
     crop = crop_around(shape, (0, 0, 0), shape, multiple)
     return crop.apply(volume, value), crop
+
+
+def _check_multiple(multiple: object) -> None:
+    if isinstance(multiple, bool) or not isinstance(multiple, (int, np.integer)):
+        raise TypeError(f"multiple must be an int, got {type(multiple).__name__}")
+    if multiple < 1:
+        raise InputError(f"multiple must be >= 1, got {multiple}")

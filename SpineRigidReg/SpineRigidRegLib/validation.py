@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 
 from .errors import InputError
+
+_LAYOUTS = {6: "(B, 3, 3, D, H, W)", 5: "(B, C, D, H, W)", 4: "(C, D, H, W)", 3: "(D, H, W)"}
 
 
 def check_tensor(
@@ -31,15 +34,64 @@ def check_tensor(
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if ndim is not None and x.dim() != ndim:
-        layout = {5: "(B, C, D, H, W)", 4: "(C, D, H, W)", 3: "(D, H, W)"}.get(ndim, f"{ndim}-D")
+        layout = _LAYOUTS.get(ndim, f"{ndim}-D")
         raise InputError(f"{name} must be {ndim}-D {layout}, got shape {tuple(x.shape)}")
     if channels is not None and x.shape[1] != channels:
         raise InputError(f"{name} must have {channels} channel(s) in dimension 1, got shape {tuple(x.shape)}")
     if floating and not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    if finite and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+    if finite and x.is_floating_point() and not all_finite(x):
         raise InputError(f"{name} contains NaN or infinite values")
     return x
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """True when a floating-point tensor holds no NaN or infinity."""
+    with torch.no_grad():
+        # The sum is NaN or infinite whenever an element is, and is far cheaper than a full isfinite(); only when it
+        # is not finite (a NaN, or an overflow of large finite values) is every element checked.
+        return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+
+
+def check_image(image: object, name: str = "image", components: int | None = 1) -> sitk.Image:
+    """Return ``image`` after checking that it is a 3D SimpleITK image with ``components`` values per voxel."""
+    if not isinstance(image, sitk.Image):
+        raise TypeError(f"{name} must be a SimpleITK.Image, got {type(image).__name__}")
+    if image.GetDimension() != 3:
+        raise InputError(f"{name} must be a 3D image, got a {image.GetDimension()}D image")
+    if components is not None and image.GetNumberOfComponentsPerPixel() != components:
+        raise InputError(
+            f"{name} must have {components} component(s) per voxel, got {image.GetNumberOfComponentsPerPixel()}"
+        )
+    return image
+
+
+def check_points(points: object, name: str = "points") -> np.ndarray:
+    """Return ``points`` as a finite ``(N, 3)`` float64 array."""
+    try:
+        pts = np.asarray(points, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"{name} must be numbers, got {type(points).__name__}") from error
+    if pts.ndim != 2 or pts.shape[1] != 3:
+        raise InputError(f"{name} must be an (N, 3) array, got shape {pts.shape}")
+    if not np.all(np.isfinite(pts)):
+        raise InputError(f"{name} contain NaN or infinite values")
+    return pts
+
+
+def check_shape3(shape: object, name: str = "shape") -> tuple[int, int, int]:
+    """Return a ``(D, H, W)`` grid size as three positive ints."""
+    try:
+        values = tuple(shape)  # type: ignore[arg-type]
+    except TypeError as error:
+        raise TypeError(f"{name} must be a sequence of three sizes, got {type(shape).__name__}") from error
+    if len(values) != 3 or not all(_is_int(v) and int(v) > 0 for v in values):
+        raise InputError(f"{name} must be three positive whole numbers (D, H, W), got {shape!r}")
+    return tuple(int(v) for v in values)  # type: ignore[return-value]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def check_same_spatial_shape(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str) -> None:

@@ -4,6 +4,11 @@ All fields follow :mod:`.geometry`: ``(B, 3, D, H, W)`` displacements in voxels,
 ``(k, j, i)``, pull-back convention (the warped image at ``x`` is the moving image at ``x + u(x)``). Reference grids
 are built from each input's shape on the fly, so every function accepts any volume size and nothing grid-shaped is
 ever stored in a model's state dict.
+
+Every public function checks its inputs (rank, channel count, floating dtype, finite fields, matching grids, a
+field's batch size equal to the volume's or 1, same dtype and device) and raises :class:`.InputError` or
+``TypeError`` naming the problem; the loops inside (scaling and squaring, label warping) call unchecked private
+helpers so the checks run once per call.
 """
 
 from __future__ import annotations
@@ -17,10 +22,13 @@ from torch import nn
 
 from .errors import InputError
 from .geometry import ALIGN_CORNERS, voxel_to_normalized
-from .validation import check_label_tensor, check_tensor
+from .validation import check_label_tensor, check_shape3, check_tensor
 
 #: The paper's number of scaling-and-squaring steps (velocity divided by 2**7 = 128).
 DEFAULT_INTEGRATION_STEPS = 7
+
+INTERPOLATION_MODES = ("bilinear", "nearest")
+PADDING_MODES = ("zeros", "border", "reflection")
 
 # ATen's 3-D grid_sample on the CPU runs one thread per batch sample, so a single sample uses one core whatever
 # torch.get_num_threads() says. Splitting the sampled points of a lone sample into chunks that share the volume (an
@@ -44,7 +52,7 @@ def identity_grid(
 
     Returns a new tensor that the caller may modify.
     """
-    return _cached_identity(shape, device, dtype).clone()
+    return _cached_identity(check_shape3(shape), device, dtype).clone()
 
 
 def _cached_identity(shape: Sequence[int], device: torch.device | str | None, dtype: torch.dtype) -> torch.Tensor:
@@ -71,6 +79,14 @@ def sample_at(
     ``mode`` is ``grid_sample``'s (``"bilinear"`` is trilinear in 3D, or ``"nearest"``); ``padding_mode`` is
     ``"zeros"``, ``"border"`` or ``"reflection"``. Coordinates index ``volume``'s own grid.
     """
+    _check_volume(volume, "volume")
+    _check_field(coords, "voxel coordinates")
+    _check_modes(mode, padding_mode)
+    _check_batch_and_dtype(volume, coords, "volume", "voxel coordinates")
+    return _sample_at(volume, coords, mode, padding_mode)
+
+
+def _sample_at(volume: torch.Tensor, coords: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
     if coords.shape[0] != volume.shape[0] and coords.shape[0] == 1:
         coords = coords.expand(volume.shape[0], *coords.shape[1:])
     normalized = voxel_to_normalized(coords, volume.shape[2:])
@@ -116,14 +132,17 @@ def warp(
 
     Returns ``(B, C, D, H, W)``: ``out[x] = volume[x + u(x)]``, trilinear by default.
     """
-    check_tensor(volume, "volume", ndim=5, floating=True)
+    _check_volume(volume, "volume")
     _check_field(displacement, "displacement")
-    if volume.shape[2:] != displacement.shape[2:]:
-        raise InputError(
-            f"volume grid {tuple(volume.shape[2:])} and displacement grid {tuple(displacement.shape[2:])} differ"
-        )
+    _check_modes(mode, padding_mode)
+    _check_same_grid(volume, displacement, "volume", "displacement")
+    return _warp(volume, displacement, mode, padding_mode)
+
+
+def _warp(volume: torch.Tensor, displacement: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
+    """:func:`warp` without the input checks (for inner loops whose inputs are already checked)."""
     grid = _cached_identity(displacement.shape[2:], displacement.device, displacement.dtype)
-    return sample_at(volume, grid + displacement, mode=mode, padding_mode=padding_mode)
+    return _sample_at(volume, grid + displacement, mode, padding_mode)
 
 
 def warp_labels(
@@ -145,13 +164,14 @@ def warp_labels(
     """
     labels = check_label_tensor(labels, "label map")
     _check_field(displacement, "displacement")
+    _check_same_grid(labels, displacement, "label map", "displacement", same_dtype=False)
     values = sorted({int(v) for v in labels.unique().tolist()} - {0}) if label_values is None else list(label_values)
     out = torch.zeros_like(labels, dtype=torch.int64)
     if not values:
         return out
-    best = warp((labels == 0).to(displacement.dtype), displacement, padding_mode="border")
+    best = _warp((labels == 0).to(displacement.dtype), displacement, "bilinear", "border")
     for value in values:  # one label at a time keeps memory at two volumes, whatever the label count
-        weight = warp((labels == value).to(displacement.dtype), displacement)
+        weight = _warp((labels == value).to(displacement.dtype), displacement, "bilinear", "zeros")
         better = weight > best
         out = torch.where(better, torch.full_like(out, value), out)
         best = torch.where(better, weight, best)
@@ -169,11 +189,13 @@ def integrate_velocity(velocity: torch.Tensor, steps: int = DEFAULT_INTEGRATION_
         ``(B, 3, D, H, W)`` displacement in voxels, a diffeomorphism when ``v / 2**T`` is small.
     """
     _check_field(velocity, "velocity")
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise TypeError(f"integration steps must be an int, got {type(steps).__name__}")
     if steps < 0:
         raise InputError(f"integration steps must be >= 0, got {steps}")
     displacement = velocity / (2**steps)
     for _ in range(steps):
-        displacement = compose(displacement, displacement)
+        displacement = _compose(displacement, displacement)
     return displacement
 
 
@@ -185,7 +207,12 @@ def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
     """
     _check_field(outer, "outer displacement")
     _check_field(inner, "inner displacement")
-    return inner + warp(outer, inner, padding_mode="border")
+    _check_same_grid(outer, inner, "outer displacement", "inner displacement")
+    return _compose(outer, inner)
+
+
+def _compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
+    return inner + _warp(outer, inner, "bilinear", "border")
 
 
 def resize_displacement(displacement: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -202,7 +229,7 @@ def resize_displacement(displacement: torch.Tensor, shape: Sequence[int]) -> tor
         ``(B, 3, D, H, W)`` voxels of the target grid.
     """
     _check_field(displacement, "displacement")
-    shape = tuple(int(s) for s in shape)
+    shape = check_shape3(shape, "target shape")
     if shape == tuple(displacement.shape[2:]):
         return displacement
     scale = [(new - 1) / max(old - 1, 1) for new, old in zip(shape, displacement.shape[2:], strict=True)]
@@ -211,7 +238,43 @@ def resize_displacement(displacement: torch.Tensor, shape: Sequence[int]) -> tor
 
 
 def _check_field(field: torch.Tensor, name: str) -> None:
-    check_tensor(field, name, ndim=5, channels=3, floating=True)
+    """A displacement, velocity or coordinate field: finite float ``(B, 3, D, H, W)``."""
+    check_tensor(field, name, ndim=5, channels=3, floating=True, finite=True)
+
+
+def _check_volume(volume: torch.Tensor, name: str) -> None:
+    check_tensor(volume, name, ndim=5, floating=True)
+
+
+def _check_modes(mode: str, padding_mode: str) -> None:
+    if mode not in INTERPOLATION_MODES:
+        raise InputError(f"interpolation mode must be one of {INTERPOLATION_MODES}, got {mode!r}")
+    if padding_mode not in PADDING_MODES:
+        raise InputError(f"padding mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+
+
+def _check_batch_and_dtype(
+    volume: torch.Tensor, field: torch.Tensor, name_volume: str, name_field: str, same_dtype: bool = True
+) -> None:
+    if field.shape[0] not in (1, volume.shape[0]):
+        raise InputError(
+            f"{name_volume} {tuple(volume.shape)} and {name_field} {tuple(field.shape)} have different batch sizes"
+        )
+    if same_dtype and volume.dtype != field.dtype:
+        raise TypeError(f"{name_volume} ({volume.dtype}) and {name_field} ({field.dtype}) must share a dtype")
+    if volume.device != field.device:
+        raise InputError(f"{name_volume} is on {volume.device} but {name_field} is on {field.device}")
+
+
+def _check_same_grid(
+    volume: torch.Tensor, field: torch.Tensor, name_volume: str, name_field: str, same_dtype: bool = True
+) -> None:
+    """Same ``(D, H, W)``; batch sizes equal or the field's 1 (broadcast); same dtype and device."""
+    if volume.shape[2:] != field.shape[2:]:
+        raise InputError(
+            f"{name_volume} grid {tuple(volume.shape[2:])} and {name_field} grid {tuple(field.shape[2:])} differ"
+        )
+    _check_batch_and_dtype(volume, field, name_volume, name_field, same_dtype)
 
 
 class SpatialTransformer(nn.Module):

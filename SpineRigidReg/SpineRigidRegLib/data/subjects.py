@@ -72,14 +72,56 @@ class Subject:
     ct_landmarks: Path | None = None
     mr_landmarks: Path | None = None
 
+    @property
+    def folder(self) -> Path:
+        """The subject folder (where the CT lies)."""
+        return self.ct.parent
+
     def read(self) -> dict[str, object]:
-        """Read every file present: ``{role: sitk.Image or landmark dict}`` for the roles of the dataclass."""
+        """Read and check every file present: ``{role: sitk.Image or landmark dict}`` for the dataclass's roles.
+
+        Label maps must hold whole numbers; a floating-point label map with whole values is returned as int32.
+
+        Raises:
+            InputError: A file cannot be read (damaged, truncated, not 3D, unknown format) or a label map holds
+                non-integer values; the message names the subject folder and the file.
+        """
         out: dict[str, object] = {}
         for role in _ROLES:
             path = getattr(self, role)
-            if path is not None:
-                out[role] = read_landmarks(path) if role.endswith("landmarks") else read_image(path)
+            if path is None:
+                continue
+            try:
+                if role.endswith("landmarks"):
+                    out[role] = read_landmarks(path)
+                else:
+                    image = read_image(path)
+                    out[role] = _integer_labels(image) if role.endswith("labels") else image
+            except InputError as error:
+                raise InputError(f"subject folder {self.folder}: {_ROLE_NAMES[role]} {path.name}: {error}") from None
         return out
+
+
+_ROLE_NAMES = {
+    "ct": "CT image",
+    "ct_labels": "CT label map",
+    "mr": "MR image",
+    "mr_labels": "MR label map",
+    "ct_landmarks": "CT landmarks",
+    "mr_landmarks": "MR landmarks",
+}
+
+
+def _integer_labels(image: sitk.Image) -> sitk.Image:
+    """The label map itself if its pixel type is integer; int32 if it is floating point with whole values."""
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError("a label map needs one value per voxel")
+    array = sitk.GetArrayViewFromImage(image)
+    if np.issubdtype(array.dtype, np.integer):
+        return image
+    if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
+        raise InputError("the label map holds non-integer values (a label map needs one integer per vertebra)")
+    return sitk.Cast(image, sitk.sitkInt32)
 
 
 def _strip_suffix(name: str) -> tuple[str, str]:
@@ -122,11 +164,17 @@ def _candidates(folder: Path) -> dict[str, list[Path]]:
     return found
 
 
-def load_subject(folder: PathLike) -> Subject:
+def load_subject(folder: PathLike, check: bool = False) -> Subject:
     """Find the files of one case in ``folder`` by their names (see the module docstring).
 
+    Args:
+        folder: The subject folder.
+        check: Also read every file (:meth:`Subject.read`) so that damaged files and non-integer label maps are
+            found now rather than later.
+
     Raises:
-        InputError: The folder is missing, lacks the CT, its labels or the MR, or holds two candidates for a role.
+        InputError: The folder is missing, lacks the CT, its labels or the MR, holds two candidates for a role, or
+            (with ``check``) holds a file that cannot be read or a label map that is not integer.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -139,15 +187,22 @@ def load_subject(folder: PathLike) -> Subject:
     missing = [description for role, description in _REQUIRED.items() if not found[role]]
     if missing:
         raise InputError(f"subject folder {folder} lacks {'; '.join(missing)}")
-    return Subject(name=folder.name, **{role: (paths[0] if paths else None) for role, paths in found.items()})
+    subject = Subject(name=folder.name, **{role: (paths[0] if paths else None) for role, paths in found.items()})
+    if check:
+        subject.read()
+    return subject
 
 
-def find_subjects(root: PathLike, skip_invalid: bool = False) -> list[Subject]:
+def find_subjects(root: PathLike, skip_invalid: bool = False, check: bool = False) -> list[Subject]:
     """All subjects under ``root``: each sub-folder holding CT or MR files, in name order (or ``root`` itself).
+
+    A sub-folder is a subject when some file or folder in it is named for a role (``ct.nii.gz``, ``mr/``...),
+    whatever the sub-folder's own name; DICOM folders and unrelated folders hold no such names and are passed over.
 
     Args:
         root: A folder of subject folders, or a single subject folder.
         skip_invalid: Log and skip broken subject folders instead of raising.
+        check: Read every file of every subject (see :func:`load_subject`).
 
     Raises:
         InputError: ``root`` is missing or holds no subject, or (without ``skip_invalid``) a subject folder is
@@ -158,16 +213,16 @@ def find_subjects(root: PathLike, skip_invalid: bool = False) -> list[Subject]:
         raise InputError(f"subjects folder not found: {root}")
     subjects = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if classify(folder) is not None or not any(_candidates(folder).values()):
+        if not any(_candidates(folder).values()):
             continue  # a DICOM folder of a single subject at the root, or an unrelated folder
         try:
-            subjects.append(load_subject(folder))
+            subjects.append(load_subject(folder, check=check))
         except InputError as error:
             if not skip_invalid:
                 raise
             logger.warning("skipping %s: %s", folder, error)
     if not subjects and any(_candidates(root).values()):
-        subjects.append(load_subject(root))
+        subjects.append(load_subject(root, check=check))
     if not subjects:
         raise InputError(f"no subject found under {root} (expected folders holding ct.*, ct_vertebrae.*, mr.*)")
     return subjects

@@ -71,6 +71,8 @@ _TEXTURE_SCALE = torch.tensor([200.0, 60.0, 40.0, 300.0, 150.0, 40.0, 20.0, 20.0
 _BLOB_BASE = 10_000
 # Fall-off (mm) of a vertebra's claim on space against its neighbours' weights.
 _CLAIM_FALLOFF_MM = 0.75
+# Smallest rigid margin (voxels) around a swept vertebra; see SynthesisSettings.rigid_margin_mm.
+_MIN_MARGIN_VOXELS = 2
 # Sharpness of the split between two touching vertebrae (power of their depths).
 _DEPTH_POWER = 4
 
@@ -86,7 +88,9 @@ class SynthesisSettings:
         max_global_rotation_deg: Rotation of the whole column about each axis (residual after pre-alignment).
         max_translation_mm: Translation of the whole column along each axis.
         max_vertebra_translation_mm: Independent jitter of each vertebra along each axis.
-        rigid_margin_mm: Margin around the swept vertebra where the field is still exactly that vertebra's.
+        rigid_margin_mm: Margin around the swept vertebra where the velocity is still exactly that vertebra's (at
+            least two voxels are used: scaling and squaring interpolates the field up to a voxel beyond the
+            trajectory at every step, so a one-voxel margin leaves errors of a few tenths of a mm on the surface).
         falloff_mm: Width (Gaussian sigma) of the transition from a vertebra's rigid motion to the soft tissue's.
         soft_tissue_amplitude_mm: Standard deviation of the random soft-tissue velocity.
         soft_tissue_spacing_mm: Control-point spacing (smoothness) of the soft-tissue velocity.
@@ -117,7 +121,7 @@ class SynthesisSettings:
     max_global_rotation_deg: float = 2.0
     max_translation_mm: float = 3.0
     max_vertebra_translation_mm: float = 0.5
-    rigid_margin_mm: float = 1.0
+    rigid_margin_mm: float = 2.0
     falloff_mm: float = 2.0
     soft_tissue_amplitude_mm: float = 1.5
     soft_tissue_spacing_mm: float = 24.0
@@ -507,7 +511,7 @@ def _vertebra_weight(
     corners = corners.reshape(-1, 3) * step_t
     matrix = torch.linalg.matrix_exp(log)
     travel = float(((corners @ matrix[:3, :3].T + matrix[:3, 3]) - corners).norm(dim=1).max())
-    reach = travel + settings.rigid_margin_mm + 4.0 * settings.falloff_mm + 1.0
+    reach = travel + max(settings.rigid_margin_mm, _MIN_MARGIN_VOXELS * max(step)) + 4.0 * settings.falloff_mm + 1.0
     pad = [int(math.ceil(reach / s)) + 1 for s in step]
     start = [max(int(lo[a]) - pad[a], 0) for a in range(3)]
     stop = [min(int(hi[a]) + pad[a] + 1, shape[a]) for a in range(3)]
@@ -522,7 +526,7 @@ def _vertebra_weight(
         field = rigid_displacement(m[None, :3, :3], t_local[None], crop.shape[2:], step).float()
         swept = torch.maximum(swept, warp(crop, field))
     core = (swept >= 0.5).float()
-    grow = [max(int(math.ceil(settings.rigid_margin_mm / s - 1e-6)), 1) for s in step]  # >= 1 voxel for trilinear
+    grow = [max(int(math.ceil(settings.rigid_margin_mm / s - 1e-6)), _MIN_MARGIN_VOXELS) for s in step]
     if any(grow):
         core = F.max_pool3d(core, kernel_size=[2 * g + 1 for g in grow], stride=1, padding=grow)
     # 1 where the blurred core is >= 1/2 (the core itself, thin parts included, since the margin makes them >= 3
@@ -873,8 +877,9 @@ def synthesize_label_contrast_pair(
             fixed_extended = warp_labels(extended, displacement)
             moving.append(_label_contrast(extended, step, settings, generator))
             fixed.append(_label_contrast(fixed_extended, step, settings, generator))
-            fixed_labels.append(torch.where(fixed_extended >= _BLOB_BASE, torch.zeros_like(fixed_extended),
-                                            fixed_extended))
+            # The vertebrae alone are warped for the labels: with the blobs as extra classes the crisp warp would
+            # resolve boundary voxels differently from warp_labels(moving_labels, displacement).
+            fixed_labels.append(warp_labels(sample.long(), displacement))
             fields.append(displacement)
     return torch.cat(fixed), torch.cat(moving), labels.long(), torch.cat(fixed_labels), torch.cat(fields)
 
