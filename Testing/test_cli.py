@@ -166,3 +166,82 @@ def test_console_scripts_have_help():
             [sys.executable, "-m", f"SpineRigidRegLib.cli.{module}", "--help"], capture_output=True, text=True
         )
         assert result.returncode == 0 and "usage" in result.stdout
+
+
+def _rewritten(path, array, tmp_path, name):
+    """A copy of the image at ``path`` with new voxel values (same geometry), written as ``name``."""
+    image = sitk.ReadImage(str(path))
+    out = sitk.GetImageFromArray(array)
+    out.CopyInformation(image)
+    target = tmp_path / name
+    sitk.WriteImage(out, str(target))
+    return target
+
+
+@pytest.mark.parametrize(
+    "problem, message",
+    [
+        ("2d", "3D"),
+        ("4d", "3D"),
+        ("nan", "NaN"),
+        ("empty", "empty"),
+        ("single", "single vertebra"),
+        ("fractional", "integer"),
+        ("disjoint_labels", "overlap"),
+        ("unmatched_landmarks", "do not match"),
+        ("far_landmarks", "overlap"),
+    ],
+)
+def test_bad_content_gives_one_line_and_no_output(case, tmp_path, capsys, problem, message):
+    from SpineRigidRegLib.io import write_landmarks
+
+    paths = {"fixed": case["mr"], "moving": case["ct"], "moving-labels": case["seg"]}
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(case["seg"])))
+    extra: list[str] = []
+    if problem == "2d":
+        paths["fixed"] = tmp_path / "mr2d.nrrd"
+        sitk.WriteImage(sitk.ReadImage(str(case["mr"]))[:, :, 5], str(paths["fixed"]))
+    elif problem == "4d":
+        paths["fixed"] = tmp_path / "mr4d.nrrd"
+        mr = sitk.ReadImage(str(case["mr"]))
+        sitk.WriteImage(sitk.JoinSeries([mr, mr]), str(paths["fixed"]))
+    elif problem == "nan":
+        ct = sitk.GetArrayFromImage(sitk.ReadImage(str(case["ct"]))).astype(np.float32)
+        ct[5, 5, 5] = np.nan
+        paths["moving"] = _rewritten(case["ct"], ct, tmp_path, "ct_nan.nrrd")
+    elif problem == "empty":
+        paths["moving-labels"] = _rewritten(case["seg"], np.zeros_like(labels), tmp_path, "empty.nii.gz")
+    elif problem == "single":
+        single = np.where(labels == labels.max(), labels, 0).astype(labels.dtype)
+        paths["moving-labels"] = _rewritten(case["seg"], single, tmp_path, "single.nii.gz")
+    elif problem == "fractional":
+        paths["moving-labels"] = _rewritten(case["seg"], labels * 0.5, tmp_path, "half.nii.gz")
+    elif problem == "disjoint_labels":
+        moved = sitk.ReadImage(str(case["seg"]))
+        moved.SetOrigin(tuple(o + 1000.0 for o in moved.GetOrigin()))
+        paths["moving-labels"] = tmp_path / "far_seg.nii.gz"
+        sitk.WriteImage(moved, str(paths["moving-labels"]))
+    elif problem in ("unmatched_landmarks", "far_landmarks"):
+        from SpineRigidRegLib.prealign import label_centroids
+
+        ct_points = label_centroids(sitk.ReadImage(str(case["seg"])))
+        ct_points = {str(k): np.asarray(v) for k, v in ct_points.items()}
+        if problem == "unmatched_landmarks":
+            mr_points = {**ct_points, "99": np.zeros(3)}
+        else:
+            mr_points = {k: v + 500.0 for k, v in ct_points.items()}
+        extra = [
+            "--moving-landmarks",
+            str(write_landmarks(ct_points, tmp_path / "ct.mrk.json")),
+            "--fixed-landmarks",
+            str(write_landmarks(mr_points, tmp_path / "mr.mrk.json")),
+        ]
+    out = tmp_path / "out"
+    args = [f"--{k}={v}" for k, v in paths.items()]
+    args += ["--model", str(case["model"]), "--device", "cpu", "--refine-steps", "0", "--quiet", "--out", str(out)]
+    code = register_cli.main(args + extra)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("error:") and "\n" not in err and "Traceback" not in err
+    assert message in err
+    assert not out.exists() or not any(p for p in out.iterdir() if not p.name.startswith("."))
