@@ -215,3 +215,26 @@ def test_bad_inputs_raise():
         target_registration_error(field, torch.zeros(1, 3, 4, 4, 4))
     with pytest.raises(TypeError):
         summarize({"dice": 1.0})
+
+
+def test_rigid_dice_in_its_box_equals_the_full_grid_definition():
+    """The box-restricted rigid DSC must give exactly the full-grid value (Dice of both crisp warps, rigid fit)."""
+    from SpineRigidRegLib.rigid import fit_rigid_to_field, rigid_displacement
+    from SpineRigidRegLib.warp import warp_labels
+
+    generator = torch.Generator().manual_seed(3)
+    labels = torch.zeros(1, 1, 30, 26, 22, dtype=torch.int64)
+    labels[0, 0, 4:11, 6:15, 5:13] = 7
+    labels[0, 0, 15:23, 8:18, 6:16] = 9
+    step = (1.0, 1.3, 0.8)
+    for amplitude in (0.5, 2.0, 5.0):
+        coarse = torch.randn(1, 3, 4, 4, 4, generator=generator, dtype=torch.float64) * amplitude
+        u = torch.nn.functional.interpolate(coarse, size=labels.shape[2:], mode="trilinear", align_corners=True)
+        for value in (7, 9):
+            mask = (labels == value).long()
+            warped = warp_labels(mask, u, label_values=[1]) == 1
+            rotation, translation = fit_rigid_to_field(warped.double(), u, step)
+            rigid = rigid_displacement(rotation, translation, u.shape[2:], step)
+            moved = warp_labels(mask, rigid, label_values=[1]) == 1
+            expected = 2 * int((warped & moved).sum()) / (int(warped.sum()) + int(moved.sum()))
+            assert rigid_dice_per_label(labels, u, step, [value])[value] == pytest.approx(expected, abs=1e-12)

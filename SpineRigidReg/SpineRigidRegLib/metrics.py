@@ -30,7 +30,7 @@ from .jacobian import determinant, jacobian_matrix, orthonormality_residual
 from .losses.rigidity import _check_label_values
 from .rigid import fit_rigid_to_field, rigid_displacement
 from .validation import check_label_tensor, check_spacing
-from .warp import warp_labels
+from .warp import _cached_identity, _sample_at, warp_labels
 
 
 # ------------------------------------------------------------------------------------------------------ inputs
@@ -157,18 +157,67 @@ def rigid_dice_per_label(
     _same_grid(labels, u, "moving labels", "displacement")
     labels = labels.to(u.device)
     step = check_spacing(spacing)
-    return {v: _rigid_dice_one(labels == v, u, step) for v in _values(labels, label_values)}
+    target = _cached_identity(u.shape[2:], u.device, u.dtype) + u
+    return {v: _rigid_dice_one(labels == v, u, step, target) for v in _values(labels, label_values)}
 
 
-def _rigid_dice_one(mask: torch.Tensor, u: torch.Tensor, step: tuple[float, float, float]) -> float:
-    binary = mask.long()
-    warped = warp_labels(binary, u, label_values=[1]) == 1
-    if not bool(warped.any()):
+def _rigid_dice_one(
+    mask: torch.Tensor, u: torch.Tensor, step: tuple[float, float, float], target: torch.Tensor | None = None
+) -> float:
+    """Rigid DSC of one vertebra, computed inside the fixed-grid box that can hold either crisp warped mask.
+
+    The mask's bilinear weight is zero for samples outside its one-voxel-dilated moving box, so both warped masks
+    (by ``u`` and by the fitted rigid map) lie in the union of the voxels whose ``u`` lands in that box and the
+    rigid map's pre-image of it: working in that box gives the full-grid result at a fraction of the cost.
+    ``target`` is ``identity + u`` when the caller already has it (it is the same for every vertebra).
+    """
+    shape = torch.tensor(u.shape[2:], device=u.device)
+    found = mask[0, 0].nonzero()
+    if found.numel() == 0:
         return float("nan")
-    rotation, translation = fit_rigid_to_field(warped.to(u.dtype), u, step)
-    field = rigid_displacement(rotation, translation, u.shape[2:], step).to(u.dtype)
-    rigid = warp_labels(binary, field, label_values=[1]) == 1
+    lo = (found.min(0).values - 1).clamp(min=0)
+    hi = torch.minimum(found.max(0).values + 1, shape - 1)
+    crop = mask[(0, slice(0, 1), *(slice(int(a), int(b) + 1) for a, b in zip(lo, hi)))][None].to(u.dtype)
+    if target is None:
+        target = _cached_identity(u.shape[2:], u.device, u.dtype) + u
+    lo_f, hi_f = lo.to(u.dtype).view(1, 3, 1, 1, 1), hi.to(u.dtype).view(1, 3, 1, 1, 1)
+    reach = ((target > lo_f - 1) & (target < hi_f + 1)).all(dim=1)[0].nonzero()
+    if reach.numel() == 0:
+        return float("nan")
+    box_a = (reach.min(0).values, reach.max(0).values)
+    warped_a = _crisp_in_box(crop, target, lo, box_a)
+    if not bool(warped_a.any()):
+        return float("nan")
+    rotation, translation = fit_rigid_to_field(warped_a.to(u.dtype), _in_box(u, box_a), step)
+    # The rigid map's pre-image of the moving box: its 8 corners mapped back (array-aligned mm frame of box_a).
+    mm = torch.tensor(step, dtype=u.dtype, device=u.device)
+    corners = torch.stack(torch.meshgrid(*[torch.stack([a - 1, b + 1]) for a, b in zip(lo, hi)], indexing="ij"), -1)
+    corners = (corners.reshape(-1, 3).to(u.dtype) - box_a[0].to(u.dtype)) * mm
+    back = ((corners - translation) @ rotation[0]) / mm + box_a[0].to(u.dtype)
+    low = torch.minimum(box_a[0], back.min(0).values.floor().long().clamp(min=0))
+    high = torch.maximum(box_a[1], torch.minimum(back.max(0).values.ceil().long(), shape - 1))
+    box = (low, high)
+    shift = (box_a[0] - low).to(u.dtype) * mm  # box_a's frame -> box's frame: y' = y + d, x' = x + d
+    translation = translation + shift - shift @ rotation[0].T
+    warped = _crisp_in_box(crop, target, lo, box)
+    rigid_field = rigid_displacement(rotation, translation, tuple(int(x) for x in high - low + 1), step).to(u.dtype)
+    rigid_target = _cached_identity(rigid_field.shape[2:], u.device, u.dtype) + rigid_field
+    rigid_target = rigid_target + low.to(u.dtype).view(1, 3, 1, 1, 1)
+    rigid = _sample_at(crop, rigid_target - lo.to(u.dtype).view(1, 3, 1, 1, 1), "bilinear", "zeros") > 0.5
     return _dice(warped, rigid)
+
+
+def _in_box(volume: torch.Tensor, box: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return volume[(slice(None), slice(None), *(slice(int(a), int(b) + 1) for a, b in zip(*box)))]
+
+
+def _crisp_in_box(
+    crop: torch.Tensor, target: torch.Tensor, crop_start: torch.Tensor, box: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    """Crisp pull-back of a binary ``crop`` (starting at moving voxel ``crop_start``) at ``target`` inside ``box``:
+    the vertebra wins where its bilinear weight beats the background's, as :func:`.warp.warp_labels` decides."""
+    coords = _in_box(target, box) - crop_start.to(target.dtype).view(1, 3, 1, 1, 1)
+    return _sample_at(crop, coords, "bilinear", "zeros") > 0.5
 
 
 def volume_change_percent(
@@ -360,6 +409,7 @@ def vertebra_table(
     norm = _norm_mm(u, step)
     true_warped = warp_labels(labels, truth, label_values=values) if truth is not None else None
     error = _norm_mm(u - truth, step) if truth is not None else None
+    target = _cached_identity(u.shape[2:], u.device, u.dtype) + u
     rows: list[dict[str, float | int]] = []
     for v in values:
         original = labels == v
@@ -367,7 +417,7 @@ def vertebra_table(
         row: dict[str, float | int] = {"label": v, "voxels": int(original.sum())}
         if fixed is not None:
             row["dice"] = _dice(region, fixed == v)
-        row["rigid_dice"] = _rigid_dice_one(original, u, step)
+        row["rigid_dice"] = _rigid_dice_one(original, u, step, target)
         row["volume_change_percent"] = _volume_change(original, region)
         row["pc"] = _region_mean(pc, region)
         row["oc"] = _region_mean(oc, region)

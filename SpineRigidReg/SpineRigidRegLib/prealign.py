@@ -10,6 +10,7 @@ ITK resamples with.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -24,6 +25,11 @@ from .rigid import fit_rigid
 LANDMARKS = "landmarks"
 LANDMARKS_FROM_LABELS = "landmarks (MR) + CT label centroids"
 AUTOMATIC = "automatic: label centroid + Mattes MI rigid"
+# A CT and an MR of one patient differ by table position and a few degrees of patient rotation; a larger rotation
+# from the automatic search means it ran away, and its translation stage is the safer answer.
+MAX_AUTOMATIC_ROTATION_DEG = 30.0
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -170,26 +176,37 @@ def automatic_prealignment(
     fixed_f = sitk.Cast(fixed, sitk.sitkFloat32)
     moving_f = sitk.Cast(moving, sitk.sitkFloat32)
     # Translation first, then rotation: on small or low-contrast images a rigid optimiser started far away
-    # trades a wrong rotation for translation; the two stages keep the rotation near the scanner frames'.
+    # trades a wrong rotation for translation. The rigid stage samples the MR inside the spine region placed by
+    # the translation stage (a fixed mask): with only a moving mask, rotating the CT out of the sampled region
+    # can raise the MI and the optimiser runs away.
     try:
         translation = sitk.TranslationTransform(3, initial.GetTranslation())
-        translation = _mattes_mi(fixed_f, moving_f, moving_mask, translation, _report_stage(progress, 0.0, 0.4))
+        translation = _mattes_mi(
+            fixed_f, moving_f, translation, _report_stage(progress, 0.0, 0.4), moving_mask=moving_mask
+        )
         initial.SetTranslation(tuple(float(c) for c in _matrix_of(translation)[:3, 3]))
-        result = _mattes_mi(fixed_f, moving_f, moving_mask, initial, _report_stage(progress, 0.4, 1.0))
+        fixed_mask = sitk.Resample(moving_mask, fixed, translation, sitk.sitkNearestNeighbor, 0)
+        result = _mattes_mi(fixed_f, moving_f, initial, _report_stage(progress, 0.4, 1.0), fixed_mask=fixed_mask)
     except RuntimeError as error:
         raise InputError(
             "automatic pre-alignment failed (the MR and the CT spine region do not overlap enough); "
             "give vertebra centre landmarks"
         ) from error
+    if _rotation_degrees(_matrix_of(result)) > MAX_AUTOMATIC_ROTATION_DEG:
+        logger.warning(
+            "automatic rigid stage rotated beyond %s degrees; kept its translation stage", MAX_AUTOMATIC_ROTATION_DEG
+        )
+        result = translation
     return Prealignment(matrix=_matrix_of(result), method=AUTOMATIC)
 
 
 def _mattes_mi(
     fixed: sitk.Image,
     moving: sitk.Image,
-    moving_mask: sitk.Image,
     initial: sitk.Transform,
     progress: Callable[[float, str], None] | None,
+    moving_mask: sitk.Image | None = None,
+    fixed_mask: sitk.Image | None = None,
 ) -> sitk.Transform:
     """Multi-resolution Mattes-MI registration of ``moving`` onto ``fixed`` from ``initial`` (fixed -> moving)."""
     method = sitk.ImageRegistrationMethod()
@@ -197,7 +214,10 @@ def _mattes_mi(
     if np.prod(fixed.GetSize()) > 2_000_000:
         method.SetMetricSamplingStrategy(method.RANDOM)
         method.SetMetricSamplingPercentage(0.2, seed=1)
-    method.SetMetricMovingMask(moving_mask)
+    if moving_mask is not None:
+        method.SetMetricMovingMask(moving_mask)
+    if fixed_mask is not None:
+        method.SetMetricFixedMask(fixed_mask)
     method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(
         learningRate=2.0, minStep=0.01, numberOfIterations=150, gradientMagnitudeTolerance=1e-6
@@ -224,6 +244,11 @@ def _report_stage(
     if progress is None:
         return None
     return lambda fraction, message: progress(start + (end - start) * fraction, message)
+
+
+def _rotation_degrees(matrix: np.ndarray) -> float:
+    cosine = (np.trace(matrix[:3, :3]) - 1.0) / 2.0
+    return float(np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0))))
 
 
 def _inside(geometry: Geometry, point: np.ndarray) -> bool:
