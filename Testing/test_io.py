@@ -48,33 +48,25 @@ def test_image_round_trip_keeps_oblique_geometry(tmp_path: Path, suffix: str) ->
 
 
 def write_dicom_series(image: sitk.Image, folder: Path, series_uid: str) -> None:
-    """Write ``image`` as one DICOM file per slice, with the tags GDCM needs to rebuild the geometry."""
-    folder.mkdir(parents=True, exist_ok=True)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    d = image.GetDirection()
-    for k in range(image.GetDepth()):
-        slice_ = image[:, :, k]
-        tags = {
-            "0008|0060": "CT",
-            "0020|000d": series_uid + ".1",
-            "0020|000e": series_uid,
-            "0020|0037": "\\".join(str(v) for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
-            "0020|0032": "\\".join(str(v) for v in image.TransformIndexToPhysicalPoint((0, 0, k))),
-            "0020|0013": str(k + 1),
-            "0008|0018": f"{series_uid}.2.{k + 1}",
-            "0018|0050": str(image.GetSpacing()[2]),
-        }
-        for key, value in tags.items():
-            slice_.SetMetaData(key, value)
-        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
-        writer.Execute(slice_)
+    """Shared with test_subjects: the public writer with a fixed UID."""
+    io.write_dicom_series(image, folder, series_uid=series_uid)
 
 
 def test_dicom_series_folder_round_trip(tmp_path: Path) -> None:
     image = oblique_image()
     write_dicom_series(image, tmp_path / "dicom", "1.2.826.0.1.3680043.2.1125.1.4242")
     assert_same_image(io.read_image(tmp_path / "dicom"), image, tol=1e-4)
+
+
+def test_dicom_writer_rounds_float_voxels_and_refuses_a_used_folder(tmp_path: Path) -> None:
+    image = sitk.Cast(oblique_image(), sitk.sitkFloat32) + 0.4
+    files = io.write_dicom_series(image, tmp_path / "out", modality="CT")
+    back = io.read_image(tmp_path / "out")
+    assert len(files) == image.GetDepth()
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), np.round(sitk.GetArrayFromImage(image)))
+    np.testing.assert_allclose(back.GetDirection(), image.GetDirection(), atol=1e-5)
+    with pytest.raises(InputError, match="already holds"):
+        io.write_dicom_series(image, tmp_path / "out")
 
 
 def test_dicom_folder_with_two_series_reads_the_first(tmp_path: Path) -> None:

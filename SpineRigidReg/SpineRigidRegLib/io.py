@@ -234,6 +234,66 @@ def write_image(image: sitk.Image, path: PathLike, compress: bool = True) -> Pat
     return path
 
 
+def write_dicom_series(
+    image: sitk.Image, folder: PathLike, modality: str = "CT", series_uid: str | None = None
+) -> list[Path]:
+    """Write a 3D image as a DICOM series, one file per slice, that reads back with its geometry.
+
+    DICOM stores integers: floating-point voxels are rounded to int16 (CT in HU and label maps fit). Each slice
+    carries orientation, position, slice thickness and a shared study/series UID (derived from ``series_uid`` or
+    a fresh UUID-based ``2.25.`` UID).
+
+    Args:
+        image: 3D image, any direction.
+        folder: Output folder (created); must not already hold ``.dcm`` files, so that series never mix.
+        modality: DICOM modality tag (``CT``, ``MR``, ``SEG``-like label maps use ``OT``).
+        series_uid: Series instance UID; study and instance UIDs extend it.
+
+    Returns:
+        The slice files written, in slice order.
+    """
+    if not isinstance(image, sitk.Image):
+        raise TypeError(f"image must be a SimpleITK.Image, got {type(image).__name__}")
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"a DICOM series needs a 3D scalar image, got size {image.GetSize()}")
+    folder = Path(folder)
+    if folder.is_dir() and any(folder.glob("*.dcm")):
+        raise InputError(f"cannot write a DICOM series into {folder}: it already holds .dcm files")
+    folder.mkdir(parents=True, exist_ok=True)
+    if series_uid is None:
+        import uuid
+
+        series_uid = f"2.25.{uuid.uuid4().int}"[:56]
+    if image.GetPixelID() not in (sitk.sitkInt16, sitk.sitkUInt16, sitk.sitkUInt8, sitk.sitkInt8):
+        image = sitk.Cast(sitk.Round(sitk.Cast(image, sitk.sitkFloat32)), sitk.sitkInt16)
+    d = image.GetDirection()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    written = []
+    for k in range(image.GetDepth()):
+        plane = image[:, :, k]
+        tags = {
+            "0008|0060": modality,
+            "0020|000d": series_uid + ".1",
+            "0020|000e": series_uid,
+            "0020|0037": "\\".join(repr(float(v)) for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
+            "0020|0032": "\\".join(repr(float(v)) for v in image.TransformIndexToPhysicalPoint((0, 0, k))),
+            "0020|0013": str(k + 1),
+            "0008|0018": f"{series_uid}.2.{k + 1}",
+            "0018|0050": repr(float(image.GetSpacing()[2])),
+        }
+        for key, value in tags.items():
+            plane.SetMetaData(key, value)
+        path = folder / f"slice{k:04d}.dcm"
+        writer.SetFileName(str(path))
+        try:
+            writer.Execute(plane)
+        except RuntimeError as error:
+            raise InputError(f"cannot write DICOM slice {path}: {_itk_message(error)}") from None
+        written.append(path)
+    return written
+
+
 # -------------------------------------------------------------------------------------------------- landmarks
 
 
