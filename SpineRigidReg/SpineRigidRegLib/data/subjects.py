@@ -31,7 +31,7 @@ from ..errors import InputError
 from ..geometry import Geometry
 from ..io import IMAGE_SUFFIXES, PathLike, read_image, read_landmarks
 from ..preprocess import resample_isotropic, resample_to_reference
-from .vertebrae import TOTALSEGMENTATOR, vertebra_labels_only
+from .vertebrae import TOTALSEGMENTATOR, TOTALSEGMENTATOR_VERTEBRAE, vertebra_labels_only
 
 logger = logging.getLogger(__name__)
 
@@ -253,6 +253,46 @@ def labels_on_image_grid(labels: sitk.Image, image: sitk.Image) -> sitk.Image:
     return resample_to_reference(labels, image, is_label=True, default_value=0)
 
 
+def bone_aligned_slices(labels: sitk.Image, ct: sitk.Image, vertebra_ids: set[int]) -> sitk.Image:
+    """A label map with fewer slices than its CT (same in-plane grid and direction), moved along ``k`` to the slice
+    offset where the CT is brightest inside the vertebrae.
+
+    The TotalSegmentator example's 30-slice label map carries the CT's origin, but its anatomy (vertebrae, liver,
+    body outline) matches the CT's *last* 30 slices: placed by its header it puts T11-L2 on the pelvis. Bone is the
+    brightest tissue, so the offset that maximises the mean CT number inside the vertebra labels is the right one.
+    """
+    n_ct, n_labels = ct.GetSize()[2], labels.GetSize()[2]
+    if labels.GetSize()[:2] != ct.GetSize()[:2] or n_labels >= n_ct:
+        return labels
+    ct_array = sitk.GetArrayViewFromImage(ct)
+    inside = np.isin(sitk.GetArrayViewFromImage(labels), sorted(vertebra_ids))
+    if not inside.any():
+        return labels
+    means = [float(ct_array[k : k + n_labels][inside].mean()) for k in range(n_ct - n_labels + 1)]
+    offset = int(np.argmax(means))
+    moved = sitk.Image(labels)
+    moved.SetOrigin(ct.TransformIndexToPhysicalPoint((0, 0, offset)))
+    if offset != int(round(ct.TransformPhysicalPointToContinuousIndex(labels.GetOrigin())[2])):
+        logger.warning("label map moved to CT slices %d-%d, where its vertebrae lie on bone", offset,
+                       offset + n_labels - 1)
+    return moved
+
+
+def _drop_fragments(labels: sitk.Image, fraction: float = 0.25) -> sitk.Image:
+    """Remove vertebrae smaller than ``fraction`` of the median vertebra: slivers cut by the scan's field of view
+    (the example's T11) can be neither registered nor scored meaningfully."""
+    array = sitk.GetArrayFromImage(labels)
+    values, counts = np.unique(array[array > 0], return_counts=True)
+    small = values[counts < fraction * np.median(counts)] if len(values) > 2 else []
+    if len(small) == 0:
+        return labels
+    logger.info("dropped vertebra fragments %s (cut by the field of view)", [int(v) for v in small])
+    array[np.isin(array, small)] = 0
+    out = sitk.GetImageFromArray(array)
+    out.CopyInformation(labels)
+    return out
+
+
 def label_bounding_box(labels: sitk.Image, margin_mm: float = 0.0) -> tuple[list[int], list[int]] | None:
     """ITK-order voxel box ``[start, stop)`` of the non-zero labels grown by ``margin_mm`` and clipped to the grid;
     ``None`` for an empty map."""
@@ -304,13 +344,15 @@ def load_real_case(
     margin_mm: float = 20.0,
     max_in_plane_mm: float = 160.0,
 ) -> RealCase:
-    """The TotalSegmentator example CT with its vertebrae (L2, L1, T12, T11), ready for synthesis or registration.
+    """The TotalSegmentator example CT with its vertebrae (L2, L1, T12; T11 is a sliver cut by the field of view and
+    is dropped), ready for synthesis or registration.
 
-    The example label map covers only the first 30 of the CT's 112 slices (same origin, spacing and direction), so
-    it is placed on the CT grid by physical position (nearest neighbour, 0 where it has no slice); only vertebra
-    labels are kept; the CT and labels are cropped around the vertebrae with ``margin_mm`` (the whole in-plane field
-    of view is kept when no larger than ``max_in_plane_mm``), then resampled to ``spacing`` mm cubes (linear for the
-    CT, nearest for the labels).
+    The example label map covers only 30 of the CT's 112 slices; its header gives the CT's origin, but its anatomy
+    is that of the CT's last 30 slices, so it is first moved to the slices where its vertebrae lie on bone
+    (:func:`bone_aligned_slices`), then placed on the CT grid (nearest neighbour, 0 where it has no slice); only
+    vertebra labels are kept; the CT and labels are cropped around the vertebrae with ``margin_mm`` (the whole
+    in-plane field of view is kept when no larger than ``max_in_plane_mm``), then resampled to ``spacing`` mm cubes
+    (linear for the CT, nearest for the labels).
 
     Args:
         shared_data_dir: The shared data folder (holding ``totalsegmentator-examples/``) or that sub-folder itself.
@@ -329,8 +371,9 @@ def load_real_case(
         if not path.is_file():
             raise InputError(f"TotalSegmentator example file not found: {path}")
     ct = sitk.Cast(read_image(ct_path), sitk.sitkFloat32)
-    labels = vertebra_labels_only(labels_on_image_grid(read_image(seg_path), ct), TOTALSEGMENTATOR)
-    labels = sitk.Cast(labels, sitk.sitkUInt16)
+    seg = bone_aligned_slices(read_image(seg_path), ct, set(TOTALSEGMENTATOR_VERTEBRAE))
+    labels = vertebra_labels_only(labels_on_image_grid(seg, ct), TOTALSEGMENTATOR)
+    labels = sitk.Cast(_drop_fragments(labels), sitk.sitkUInt16)
     ct, labels = crop_to_labels(ct, labels, margin_mm, max_in_plane_mm)
     if spacing is not None:
         ct = resample_isotropic(ct, spacing)
