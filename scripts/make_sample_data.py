@@ -26,7 +26,12 @@ import numpy as np
 import SimpleITK as sitk
 from SpineRigidRegLib.checkpoint import resources_dir
 from SpineRigidRegLib.cli.register import SAMPLE_FILES
-from SpineRigidRegLib.data.subjects import TOTALSEGMENTATOR_EXAMPLE, labels_on_image_grid
+from SpineRigidRegLib.data.subjects import (
+    TOTALSEGMENTATOR_EXAMPLE,
+    TOTALSEGMENTATOR_VERTEBRAE,
+    bone_aligned_slices,
+    labels_on_image_grid,
+)
 from SpineRigidRegLib.data.synthesis import SynthesisSettings, synthesize_pair
 from SpineRigidRegLib.data.vertebrae import TOTALSEGMENTATOR, vertebra_labels_only, vertebra_name
 from SpineRigidRegLib.geometry import Geometry
@@ -106,8 +111,10 @@ def label_centroids(labels: sitk.Image) -> dict[int, np.ndarray]:
 def label_coverage(seg: sitk.Image, ct: sitk.Image) -> tuple[int, int]:
     """The CT slice range ``[first, last]`` (ITK ``k``) that the label map's slices cover."""
     size = seg.GetSize()
-    ends = [ct.TransformPhysicalPointToContinuousIndex(seg.TransformIndexToPhysicalPoint((0, 0, k)))[2]
-            for k in (0, size[2] - 1)]
+    ends = [
+        ct.TransformPhysicalPointToContinuousIndex(seg.TransformIndexToPhysicalPoint((0, 0, k)))[2]
+        for k in (0, size[2] - 1)
+    ]
     first, last = sorted(int(round(e)) for e in ends)
     return max(first, 0), min(last, ct.GetSize()[2] - 1)
 
@@ -144,11 +151,17 @@ def build(source: Path, out: Path, seed: int, with_displacement: bool = False) -
         if not (source / name).is_file():
             raise SystemExit(f"source file missing: {source / name}")
     ct_full = sitk.ReadImage(str(source / SOURCE_FILES["ct"]))
-    seg = sitk.ReadImage(str(source / SOURCE_FILES["seg"]))
+    # The example label map's header places it on the CT's first slices, but its anatomy is that of the last ones.
+    seg = bone_aligned_slices(
+        sitk.ReadImage(str(source / SOURCE_FILES["seg"])), ct_full, set(TOTALSEGMENTATOR_VERTEBRAE)
+    )
     labels_full = vertebra_labels_only(labels_on_image_grid(seg, ct_full), TOTALSEGMENTATOR)
     labels_full = sitk.Cast(labels_full, sitk.sitkUInt8)
-    counts = {v: int(n) for v, n in zip(*np.unique(sitk.GetArrayViewFromImage(labels_full), return_counts=True),
-                                        strict=True) if v}
+    counts = {
+        v: int(n)
+        for v, n in zip(*np.unique(sitk.GetArrayViewFromImage(labels_full), return_counts=True), strict=True)
+        if v
+    }
     dropped = {v: n for v, n in counts.items() if n < MIN_VERTEBRA_FRACTION * max(counts.values())}
     if dropped:
         array = sitk.GetArrayFromImage(labels_full)
@@ -180,8 +193,9 @@ def build(source: Path, out: Path, seed: int, with_displacement: bool = False) -
     scanner = rigid(rotation_matrix(SCANNER_ROTATION_DEG), np.asarray(SCANNER_TRANSLATION_MM))
     origin = scanner[:3, :3] @ (centre - half) + scanner[:3, 3]
     direction = scanner[:3, :3] @ direction_synth
-    mr_grid = Geometry(shape=(size[2], size[1], size[0]), spacing=MR_SPACING, origin=tuple(origin),
-                       direction=tuple(direction.ravel()))
+    mr_grid = Geometry(
+        shape=(size[2], size[1], size[0]), spacing=MR_SPACING, origin=tuple(origin), direction=tuple(direction.ravel())
+    )
     to_synth = affine_transform(np.linalg.inv(scanner))  # MR point -> synthesis (CT frame) point
 
     mr_float = resample_to_reference(pair.fixed, mr_grid, transform=to_synth)
@@ -196,8 +210,13 @@ def build(source: Path, out: Path, seed: int, with_displacement: bool = False) -
     known = resample_to_reference(synthesis_region(ct_synth), mr_grid, transform=to_synth, is_label=True)
     mr_labels = resample_to_reference(ct_labels, mr_grid, transform=true_map, is_label=True) * known
     displacement = sitk.TransformToDisplacementField(
-        true_map, sitk.sitkVectorFloat64, mr_grid.reference_image().GetSize(), mr_grid.origin, mr_grid.spacing,
-        mr_grid.direction)
+        true_map,
+        sitk.sitkVectorFloat64,
+        mr_grid.reference_image().GetSize(),
+        mr_grid.origin,
+        mr_grid.spacing,
+        mr_grid.direction,
+    )
     rounded = np.round(sitk.GetArrayFromImage(displacement) / DISPLACEMENT_STEP_MM) * DISPLACEMENT_STEP_MM
     displacement = mr_grid.apply_to(sitk.GetImageFromArray(rounded.astype(np.float32), isVector=True))
 
@@ -259,28 +278,33 @@ def build(source: Path, out: Path, seed: int, with_displacement: bool = False) -
 def provenance(facts: dict, out: Path) -> str:
     box = facts["ct_box"]
     files = sorted(p.name for p in out.iterdir() if p.is_file() and p.name != "PROVENANCE.md")
-    rows = "\n".join(f"| `{name}` | {(out / name).stat().st_size / 1024:.0f} KiB | `{sha256(out / name)[:16]}` |"
-                     for name in files)
+    rows = "\n".join(
+        f"| `{name}` | {(out / name).stat().st_size / 1024:.0f} KiB | `{sha256(out / name)[:16]}` |" for name in files
+    )
     sources = "\n".join(f"| `{name}` | `{digest}` |" for name, digest in facts["source_sha"].items())
     vertebrae = ", ".join(f"{facts['names'][v]} ({v})" for v in facts["values"])
     dropped = ", ".join(f"{k} ({n} voxels at 3 mm)" for k, n in facts["dropped"].items()) or "none"
     s = facts["settings"]
-    what = (f"the whole true map on the MR grid as an ITK displacement field (LPS mm, CT point = MR point + "
-            f"displacement; load it in Slicer as a transform), rounded to {DISPLACEMENT_STEP_MM} mm; zero where the "
-            "MR grid leaves the synthesis grid")
+    what = (
+        f"the whole true map on the MR grid as an ITK displacement field (LPS mm, CT point = MR point + "
+        f"displacement; load it in Slicer as a transform), rounded to {DISPLACEMENT_STEP_MM} mm; zero where the "
+        "MR grid leaves the synthesis grid"
+    )
     if facts["with_displacement"]:
         displacement = f"**`{DISPLACEMENT_FILE}`**: {what}."
     else:
-        displacement = (f"Not bundled (about 2.6 MB): `{DISPLACEMENT_FILE}`, {what}; the script writes it with "
-                        "`--with-displacement`.")
+        displacement = (
+            f"Not bundled (about 2.6 MB): `{DISPLACEMENT_FILE}`, {what}; the script writes it with "
+            "`--with-displacement`."
+        )
     return f"""# Sample case: provenance
 
 A real CT with its vertebra labels, and a **synthetic** MR of the same anatomy with a known per-vertebra motion, for
 the README demo (`srr-register --sample --out DIR`) and the tests. The MR is not a real scan: no public paired spine
-CT/MR was available. Built by `scripts/make_sample_data.py` (seed {facts['seed']}); regenerate with
+CT/MR was available. Built by `scripts/make_sample_data.py` (seed {facts["seed"]}); regenerate with
 
 ```bash
-.venv/bin/python scripts/make_sample_data.py --seed {facts['seed']}   # from the repository root
+.venv/bin/python scripts/make_sample_data.py --seed {facts["seed"]}   # from the repository root
 ```
 
 ## Source
@@ -295,36 +319,39 @@ downsampled to 3 mm by its authors.
 
 ## Processing
 
-1. `example_seg.nii.gz` (TotalSegmentator v2 "total", 30 slices) was placed on the CT's grid by physical position
-   (nearest neighbour) and all classes but the vertebrae were set to 0. Vertebrae cut by the label map's edge to
+1. `example_seg.nii.gz` (TotalSegmentator v2 "total", 30 slices) carries the CT's origin in its header, but its
+   anatomy is that of the CT's last 30 slices (placed by the header, its vertebrae lie on soft tissue): it was moved
+   along the slice axis to the offset where the CT is brightest inside the vertebrae
+   (`SpineRigidRegLib.data.subjects.bone_aligned_slices`), placed on the CT's grid (nearest neighbour), and all
+   classes but the vertebrae were set to 0. Vertebrae cut by the label map's edge to
    less than {MIN_VERTEBRA_FRACTION:.0%} of the largest one were removed: {dropped}.
    Kept: {vertebrae} (TotalSegmentator numbering).
-2. **`{SAMPLE_FILES['moving']}`, `{SAMPLE_FILES['moving_labels']}`**: the CT (converted to int16 HU, values
+2. **`{SAMPLE_FILES["moving"]}`, `{SAMPLE_FILES["moving_labels"]}`**: the CT (converted to int16 HU, values
    unchanged) and the vertebra labels (uint8), cropped without resampling to the vertebrae's bounding box grown by
    {CT_MARGIN_MM:.0f} mm in-plane and to the CT slices the label map covers: ITK index ranges
    i {box[0].start}..{box[0].stop - 1}, j {box[1].start}..{box[1].stop - 1}, k {box[2].start}..{box[2].stop - 1}
    of `example_ct.nii.gz` (3 mm voxels, geometry kept).
 3. Synthesis grid: the CT and labels cropped with a {SYNTH_MARGIN_MM:.0f} mm margin (and
    {SYNTH_EXTRA_SUPERIOR_MM:.0f} mm of unlabelled CT above the labels), resampled to 1 mm (linear / nearest),
-   size {tuple(facts['synth_shape'])}. `SpineRigidRegLib.data.synthesis.synthesize_pair(ct, labels,
-   SynthesisSettings(slice_thickness_mm={s.slice_thickness_mm}, slice_axis={s.slice_axis}, seed={facts['seed']}),
-   seed={facts['seed']})` drew a rigid motion per vertebra (flexion/extension up to {s.max_flexion_deg} deg, lateral
+   size {tuple(facts["synth_shape"])}. `SpineRigidRegLib.data.synthesis.synthesize_pair(ct, labels,
+   SynthesisSettings(slice_thickness_mm={s.slice_thickness_mm}, slice_axis={s.slice_axis}, seed={facts["seed"]}),
+   seed={facts["seed"]})` drew a rigid motion per vertebra (flexion/extension up to {s.max_flexion_deg} deg, lateral
    bending {s.max_lateral_bending_deg} deg, axial rotation {s.max_axial_rotation_deg} deg per joint, chained along
    the spine, plus a residual global motion of up to {s.max_global_rotation_deg} deg and {s.max_translation_mm} mm),
    a poly-rigid diffeomorphic field (rigid inside each vertebra, smooth soft tissue), and a T1-like contrast (tissue
    classes from HU bands and the labels, random intensities per class, blur, {s.slice_thickness_mm} mm slices along
    left-right, bias field, Rician noise, [0, 1]).
-4. **`{SAMPLE_FILES['fixed']}`**: that MR resampled (linear) onto an oblique sagittal grid of {MR_SPACING[0]} x
+4. **`{SAMPLE_FILES["fixed"]}`**: that MR resampled (linear) onto an oblique sagittal grid of {MR_SPACING[0]} x
    {MR_SPACING[1]} x {MR_SPACING[2]} mm voxels (i anterior-posterior, j superior-inferior, k left-right = slice
-   direction), size {tuple(facts['mr_size'])}, tilted by the rotation vector {MR_OBLIQUE_DEG} deg against the
+   direction), size {tuple(facts["mr_size"])}, tilted by the rotation vector {MR_OBLIQUE_DEG} deg against the
    anatomy and placed in an MR scanner frame G (rotation vector {SCANNER_ROTATION_DEG} deg, translation
    {SCANNER_TRANSLATION_MM} mm; MR point = G(CT-frame point)), stored as int16 = round(1000 x intensity). Parts of
    the grid outside the synthesis grid are 0.
-5. **`{SAMPLE_FILES['fixed_labels']}`** (evaluation only): the CT labels of step 2 resampled (nearest neighbour)
+5. **`{SAMPLE_FILES["fixed_labels"]}`** (evaluation only): the CT labels of step 2 resampled (nearest neighbour)
    through the true map MR point -> CT point (G^-1, then the synthetic field); 0 where the MR grid leaves the
    synthesis grid (no ground truth there; that grid is recorded in `{TRUTH_FILE}`).
-6. **`{SAMPLE_FILES['moving_landmarks']}`**: centroid of each CT vertebra label (LPS mm, Slicer markups JSON).
-   **`{SAMPLE_FILES['fixed_landmarks']}`**: the same points mapped to the MR by the inverse of that vertebra's
+6. **`{SAMPLE_FILES["moving_landmarks"]}`**: centroid of each CT vertebra label (LPS mm, Slicer markups JSON).
+   **`{SAMPLE_FILES["fixed_landmarks"]}`**: the same points mapped to the MR by the inverse of that vertebra's
    true rigid map.
 7. **`{TRUTH_FILE}`**: each vertebra's true rigid map MR point -> CT point (4x4, LPS mm) and G.
    {displacement}
@@ -348,8 +375,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="the totalsegmentator-examples folder")
     parser.add_argument("--out", type=Path, default=resources_dir() / "SampleData", help="output folder")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="synthesis seed")
-    parser.add_argument("--with-displacement", action="store_true",
-                        help=f"also write the dense true field ({DISPLACEMENT_FILE}, about 2.6 MB)")
+    parser.add_argument(
+        "--with-displacement",
+        action="store_true",
+        help=f"also write the dense true field ({DISPLACEMENT_FILE}, about 2.6 MB)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     facts = build(args.source, args.out, args.seed, args.with_displacement)

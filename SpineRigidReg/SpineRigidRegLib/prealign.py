@@ -28,6 +28,8 @@ AUTOMATIC = "automatic: label centroid + Mattes MI rigid"
 # A CT and an MR of one patient differ by table position and a few degrees of patient rotation; a larger rotation
 # from the automatic search means it ran away, and its translation stage is the safer answer.
 MAX_AUTOMATIC_ROTATION_DEG = 30.0
+# The translation stage places the spine to within a few mm; the rigid stage may only refine that.
+MAX_AUTOMATIC_REFINE_SHIFT_MM = 20.0
 
 logger = logging.getLogger(__name__)
 
@@ -161,41 +163,58 @@ def automatic_prealignment(
     progress: Callable[[float, str], None] | None = None,
     margin_mm: float = 25.0,
 ) -> Prealignment:
-    """Centroid initialisation + multi-resolution rigid Mattes-MI registration restricted to the CT spine region."""
+    """Translation search from two starts, then a rigid Mattes-MI refinement restricted to the spine region.
+
+    The two starts are the scanner frames as they are (a CT and an MR of one session share them up to table
+    motion) and the MR's field of view centred on the CT spine (frames that differ); the translation stage runs
+    from both and the one with the better MI over the CT spine region wins.
+    """
     spine = sitk.Cast(moving_labels > 0, sitk.sitkUInt8)
     centroid = np.mean(list(label_centroids(spine).values()), axis=0)
     fixed_geometry = Geometry.of(fixed)
     fixed_centre = fixed_geometry.corners_lps().mean(axis=0)
     initial = sitk.Euler3DTransform()
     initial.SetCenter(tuple(float(c) for c in fixed_centre))
-    if not _inside(fixed_geometry, centroid):
-        initial.SetTranslation(tuple(float(c) for c in centroid - fixed_centre))
 
     radius = [max(int(round(margin_mm / s)), 1) for s in moving_labels.GetSpacing()]
     moving_mask = sitk.BinaryDilate(spine, radius)
     fixed_f = sitk.Cast(fixed, sitk.sitkFloat32)
     moving_f = sitk.Cast(moving, sitk.sitkFloat32)
+    starts = [centroid - fixed_centre]
+    if _inside(fixed_geometry, centroid):
+        starts.insert(0, np.zeros(3))
     # Translation first, then rotation: on small or low-contrast images a rigid optimiser started far away
     # trades a wrong rotation for translation. The rigid stage samples the MR inside the spine region placed by
     # the translation stage (a fixed mask): with only a moving mask, rotating the CT out of the sampled region
     # can raise the MI and the optimiser runs away.
     try:
-        translation = sitk.TranslationTransform(3, initial.GetTranslation())
-        translation = _mattes_mi(
-            fixed_f, moving_f, translation, _report_stage(progress, 0.0, 0.4), moving_mask=moving_mask
-        )
+        candidates = []
+        for number, start in enumerate(starts):
+            stage = _report_stage(progress, 0.4 * number / len(starts), 0.4 * (number + 1) / len(starts))
+            found = _mattes_mi(
+                fixed_f,
+                moving_f,
+                sitk.TranslationTransform(3, tuple(float(c) for c in start)),
+                stage,
+                moving_mask=moving_mask,
+            )
+            candidates.append((_mutual_information(fixed_f, moving_f, found, moving_mask=moving_mask), number, found))
+        translation = min(candidates)[2]
         initial.SetTranslation(tuple(float(c) for c in _matrix_of(translation)[:3, 3]))
         fixed_mask = sitk.Resample(moving_mask, fixed, translation, sitk.sitkNearestNeighbor, 0)
-        result = _mattes_mi(fixed_f, moving_f, initial, _report_stage(progress, 0.4, 1.0), fixed_mask=fixed_mask)
+        result = _mattes_mi(
+            fixed_f, moving_f, initial, _report_stage(progress, 0.4, 1.0), fixed_mask=fixed_mask, learning_rate=0.5
+        )
+        accepted = _is_plausible_refinement(result, translation, centroid) and _mutual_information(
+            fixed_f, moving_f, result, fixed_mask=fixed_mask
+        ) <= _mutual_information(fixed_f, moving_f, translation, fixed_mask=fixed_mask)
     except RuntimeError as error:
         raise InputError(
             "automatic pre-alignment failed (the MR and the CT spine region do not overlap enough); "
             "give vertebra centre landmarks"
         ) from error
-    if _rotation_degrees(_matrix_of(result)) > MAX_AUTOMATIC_ROTATION_DEG:
-        logger.warning(
-            "automatic rigid stage rotated beyond %s degrees; kept its translation stage", MAX_AUTOMATIC_ROTATION_DEG
-        )
+    if not accepted:
+        logger.warning("automatic rigid stage ran away or did not improve the match; kept its translation stage")
         result = translation
     return Prealignment(matrix=_matrix_of(result), method=AUTOMATIC)
 
@@ -207,6 +226,7 @@ def _mattes_mi(
     progress: Callable[[float, str], None] | None,
     moving_mask: sitk.Image | None = None,
     fixed_mask: sitk.Image | None = None,
+    learning_rate: float = 2.0,
 ) -> sitk.Transform:
     """Multi-resolution Mattes-MI registration of ``moving`` onto ``fixed`` from ``initial`` (fixed -> moving)."""
     method = sitk.ImageRegistrationMethod()
@@ -220,7 +240,7 @@ def _mattes_mi(
         method.SetMetricFixedMask(fixed_mask)
     method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=2.0, minStep=0.01, numberOfIterations=150, gradientMagnitudeTolerance=1e-6
+        learningRate=learning_rate, minStep=0.01, numberOfIterations=150, gradientMagnitudeTolerance=1e-6
     )
     method.SetOptimizerScalesFromPhysicalShift()
     # The coarsest level keeps at least 24 voxels along the shortest axis.
@@ -244,6 +264,34 @@ def _report_stage(
     if progress is None:
         return None
     return lambda fraction, message: progress(start + (end - start) * fraction, message)
+
+
+def _mutual_information(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    transform: sitk.Transform,
+    fixed_mask: sitk.Image | None = None,
+    moving_mask: sitk.Image | None = None,
+) -> float:
+    """Mattes MI metric value (lower is better) of ``transform``, sampled inside the given masks."""
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    if fixed_mask is not None:
+        method.SetMetricFixedMask(fixed_mask)
+    if moving_mask is not None:
+        method.SetMetricMovingMask(moving_mask)
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetInitialTransform(transform, inPlace=False)
+    return float(method.MetricEvaluate(fixed, moving))
+
+
+def _is_plausible_refinement(rigid: sitk.Transform, translation: sitk.Transform, spine_centre: np.ndarray) -> bool:
+    """Whether the rigid stage stayed near the translation stage (rotation and the spine centre's shift)."""
+    a, b = _matrix_of(rigid), _matrix_of(translation)
+    centre_a = np.linalg.solve(a[:3, :3], spine_centre - a[:3, 3])  # MR point that the rigid map sends to the centre
+    centre_b = spine_centre - b[:3, 3]
+    shift = float(np.linalg.norm(centre_a - centre_b))
+    return _rotation_degrees(a) <= MAX_AUTOMATIC_ROTATION_DEG and shift <= MAX_AUTOMATIC_REFINE_SHIFT_MM
 
 
 def _rotation_degrees(matrix: np.ndarray) -> float:
