@@ -238,3 +238,36 @@ def test_rigid_dice_in_its_box_equals_the_full_grid_definition():
             moved = warp_labels(mask, rigid, label_values=[1]) == 1
             expected = 2 * int((warped & moved).sum()) / (int(warped.sum()) + int(moved.sum()))
             assert rigid_dice_per_label(labels, u, step, [value])[value] == pytest.approx(expected, abs=1e-12)
+
+
+def test_vertebra_table_equals_the_per_vertebra_functions():
+    """The table's one-pass sums must agree with each metric computed on its own, column by column."""
+    generator = torch.Generator().manual_seed(5)
+    labels = torch.zeros(1, 1, 28, 24, 20, dtype=torch.int64)
+    labels[0, 0, 3:9, 5:14, 4:12] = 30
+    labels[0, 0, 11:18, 6:16, 5:14] = 31
+    labels[0, 0, 20:26, 7:15, 6:13] = 33
+    fixed = labels.roll(1, dims=2)
+    coarse = torch.randn(1, 3, 4, 4, 4, generator=generator, dtype=torch.float64)
+    u = torch.nn.functional.interpolate(coarse, size=labels.shape[2:], mode="trilinear", align_corners=True)
+    truth = u * 0.5
+    step = (1.1, 0.9, 1.3)
+    rows = {row["label"]: row for row in vertebra_table(labels, u, step, fixed_labels=fixed, true_displacement=truth)}
+    warped = warp_labels(labels, u)
+    expected = {
+        "dice": dice_per_label(warped, fixed, [30, 31, 33]),
+        "rigid_dice": rigid_dice_per_label(labels, u, step),
+        "volume_change_percent": volume_change_percent(labels, u, step),
+        "pc": properness_metric(labels, u, step),
+        "oc": orthonormality_metric(labels, u, step),
+    }
+    true_warped = warp_labels(labels, truth)
+    for value, row in rows.items():
+        for column, per_label in expected.items():
+            assert row[column] == pytest.approx(per_label[value], rel=1e-9, abs=1e-12), (value, column)
+        region = warped == value
+        assert row["mean_displacement_mm"] == pytest.approx(mean_displacement_mm(u, step, mask=region), rel=1e-9)
+        assert row["folding_voxels"] == folding_voxels(u, step, mask=region)
+        assert row["tre_mm"] == pytest.approx(
+            target_registration_error(u, truth, step, mask=true_warped == value), rel=1e-9
+        )

@@ -25,8 +25,8 @@ import torch
 from . import metrics
 from .checkpoint import load_bundled_network, load_network, select_device
 from .errors import CancelledError, InputError
-from .geometry import Geometry, displacement_field_image, displacement_to_lps, image_to_tensor, tensor_to_image
-from .jacobian import jacobian_determinant
+from .geometry import Geometry, displacement_field_image, image_to_tensor, tensor_to_image
+from .jacobian import determinant, jacobian_matrix
 from .network import RegistrationNet
 from .prealign import Prealignment, prealign
 from .preprocess import normalize_intensity, resample_to_reference
@@ -421,20 +421,23 @@ def register(
     composite = sitk.CompositeTransform([pre_t, sitk.DisplacementFieldTransform(sitk.Image(field_image))])
     warped_moving = sitk.Resample(moving, fixed, composite, sitk.sitkLinear, ct_min, sitk.sitkFloat32)
     warped_labels = sitk.Resample(moving_labels, fixed, composite, _label_interpolator(), 0, sitk.sitkUInt16)
-    jac = jacobian_determinant(displacement, spacing)
-    jacobian_image = tensor_to_image(jac.float(), grid)
+    jac_matrix = jacobian_matrix(displacement, spacing)  # shared by the det J map and every metric below
+    jacobian_image = tensor_to_image(determinant(jac_matrix).float(), grid)
+    warped_labels_t = warp_labels(labels_t, displacement)
     fixed_labels_t = (
         image_to_tensor(resample_to_reference(fixed_labels, grid, is_label=True), torch.int64)
         if fixed_labels is not None
         else None
     )
-    rows = metrics.vertebra_table(labels_t, displacement, spacing, fixed_labels=fixed_labels_t)
-    rigid_fits = _vertebra_rigid_transforms(labels_t, displacement, grid, pre)
+    rows = metrics.vertebra_table(
+        labels_t, displacement, spacing, fixed_labels=fixed_labels_t, warped_labels=warped_labels_t, jacobian=jac_matrix
+    )
+    rigid_fits = _vertebra_rigid_transforms(warped_labels_t, displacement, grid, pre)
     for row in rows:
         row["name"] = names.get(int(row["label"]), str(row["label"]))
     if fixed_landmarks is not None and moving_landmarks is not None:
         _add_landmark_errors(rows, composite, fixed_landmarks, moving_landmarks)
-    field_stats = metrics.field_summary(displacement, spacing, mask=inside > 0)
+    field_stats = metrics.field_summary(displacement, spacing, mask=inside > 0, jacobian=jac_matrix)
     timings["outputs"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 
@@ -506,22 +509,24 @@ def _point_pairs_to_voxels(
 
 
 def _vertebra_rigid_transforms(
-    labels: torch.Tensor, displacement: torch.Tensor, grid: Geometry, pre: Prealignment, max_points: int = 4000
+    warped_labels: torch.Tensor, displacement: torch.Tensor, grid: Geometry, pre: Prealignment, max_points: int = 4000
 ) -> dict[int, np.ndarray]:
-    """Per vertebra, the 4x4 LPS rigid map (fixed -> moving) closest to the total map over its warped region."""
-    warped = warp_labels(labels, displacement)[0, 0]
-    d_lps = displacement_to_lps(displacement.double(), grid)[0]
+    """Per vertebra, the 4x4 LPS rigid map (fixed -> moving) closest to the total map over its warped region
+    (``warped_labels``: the moving labels warped by ``displacement``, ``(1, 1, D, H, W)``)."""
+    warped = warped_labels[0, 0]
+    found = warped.nonzero()
+    owner = warped[tuple(found.unbind(1))]
     out: dict[int, np.ndarray] = {}
     generator = torch.Generator().manual_seed(0)
-    for value in [int(v) for v in torch.unique(warped) if v > 0]:
-        idx = torch.nonzero(warped == value)
+    for value in [int(v) for v in torch.unique(owner)]:
+        idx = found[owner == value]
         if len(idx) < 4:
             continue
         if len(idx) > max_points:
             idx = idx[torch.randperm(len(idx), generator=generator)[:max_points]]
+        u = displacement[0, :, idx[:, 0], idx[:, 1], idx[:, 2]].T.double()  # voxels, array order
         x = grid.array_index_to_lps_points(idx.double().numpy())
-        u = d_lps[:, idx[:, 0], idx[:, 1], idx[:, 2]].T.numpy()
-        y = pre.map_points(x + u)
+        y = pre.map_points(grid.array_index_to_lps_points((idx.double() + u).numpy()))
         rotation, translation = fit_rigid(torch.as_tensor(x)[None], torch.as_tensor(y)[None])
         matrix = np.eye(4)
         matrix[:3, :3] = rotation[0].numpy()

@@ -165,7 +165,10 @@ def warp_labels(
     labels = check_label_tensor(labels, "label map")
     _check_field(displacement, "displacement")
     _check_same_grid(labels, displacement, "label map", "displacement", same_dtype=False)
-    values = sorted({int(v) for v in labels.unique().tolist()} - {0}) if label_values is None else list(label_values)
+    if label_values is None:  # bincount is linear in the voxels, unlike unique's sort
+        values = [v for v in torch.bincount(labels.flatten().long()).nonzero().flatten().tolist() if v > 0]
+    else:
+        values = list(label_values)
     out = torch.zeros_like(labels, dtype=torch.int64)
     if not values:
         return out
