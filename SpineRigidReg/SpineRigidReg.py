@@ -162,7 +162,7 @@ class SpineRigidRegParameterNode:
     pc: Annotated[float, WithinRange(0.0, 10.0)] = 0.1
     oc: Annotated[float, WithinRange(0.0, 10.0)] = 0.05
     rigidDice: Annotated[float, WithinRange(0.0, 10.0)] = 0.0
-    refineSteps: Annotated[int, WithinRange(0, 500)] = 20
+    refineSteps: Annotated[int, WithinRange(0, 500)] = 0
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     foregroundOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     ctCorrectionPoints: Optional[vtkMRMLMarkupsFiducialNode]  # noqa: UP007, UP045 (parameterNodeWrapper reads typing.Union)

@@ -58,7 +58,9 @@ class RegistrationSettings:
     """
 
     device: str = "auto"
-    refine_steps: int = 20
+    # Off by default: on the benchmark (docs/BENCHMARKS.md) 20 steps from the current bundled model gain < 0.01 DSC
+    # and cost rigidity and 6x the time; the Slicer module's manual correction uses it with point pairs.
+    refine_steps: int = 0
     refine_weights: RefineWeights = field(default_factory=RefineWeights)
     vertebra_weights: Mapping[int, float] | None = None
     model_path: str | None = None

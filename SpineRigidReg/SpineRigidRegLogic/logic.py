@@ -95,7 +95,7 @@ class OutputNodes:
 
 def makeSettings(
     preset: str = "default",
-    refineSteps: int = 20,
+    refineSteps: int = 0,
     device: str = "auto",
     weights: Mapping[str, float] | None = None,
     vertebraWeights: Mapping[int, float] | None = None,

@@ -1,0 +1,201 @@
+"""``srr-ablation``: the ablation of the paper's Table 1 (baseline, then each rigidity penalty fine-tuned from it).
+
+Schedule (as the paper's 500 epochs with fine-tuning from the 400-epoch milestone): the baseline config is trained to
+``milestone`` x its steps, that checkpoint is kept as ``baseline/milestone.pt``, and the baseline continues to its
+full length; every other row starts from the milestone with its own loss weights (the ``loss`` section of the shipped
+row config ``configs/<row>.yaml``; everything else comes from the baseline config) for the remaining steps.
+
+Writes ``OUT/<row>/`` (the run folders of :func:`..training.trainer.train`) and ``OUT/manifest.json``, which the
+benchmark reads::
+
+    {"format": "spinerigidreg-ablation", "version": 1, "base_config": "...", "milestone_step": N,
+     "identity": {validation figures of the initial alignment},
+     "rows": [{"name": "pc", "label": "PC", "loss": {...}, "checkpoint": "pc/best.pt", "config": "pc/config.yaml",
+               "best_step": S, "validation": {"dice": ..., "rigid_dice": ..., "abs_volume_change_percent": ...,
+               "folding_percent": ...}, "wall_time_s": T}, ...]}
+
+Paths in the manifest are relative to the manifest's folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from ..errors import InputError
+from .common import add_common_arguments, configure_logging, run_main
+from .train import resolve_config
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FORMAT = "spinerigidreg-ablation"
+MANIFEST_VERSION = 1
+
+#: Table 1 rows in the paper's order: config name -> label.
+TABLE1 = {
+    "baseline": "Baseline",
+    "pc": "PC",
+    "oc": "OC",
+    "rigid_dice": "Rigid Dice",
+    "rigid_field": "Rigid field",
+    "pc_oc": "PC + OC",
+    "pc_rigid_dice": "PC + rigid Dice",
+    "pc_rigid_field": "PC + rigid field",
+    "volume": "Volume loss",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="srr-ablation",
+        description=(
+            "Train the baseline (no rigidity) and fine-tune every Table-1 rigidity row from its milestone; write "
+            "OUT/manifest.json for srr-benchmark."
+        ),
+        epilog="Example: srr-ablation --out runs/ablation --rows pc rigid_field pc_rigid_field",
+    )
+    parser.add_argument("--base", default="baseline", help="baseline config (file or shipped name; default baseline)")
+    parser.add_argument("--rows", nargs="+", default=None, help=f"rows to fine-tune (default all: {' '.join(TABLE1)})")
+    parser.add_argument("--out", type=Path, default=Path("runs/ablation"), help="output folder")
+    parser.add_argument("--baseline-steps", type=int, help="override the baseline's schedule.steps")
+    parser.add_argument("--finetune-steps", type=int, help="steps of each fine-tuning (default: the rest after the "
+                        "milestone)")
+    parser.add_argument("--milestone", type=float, default=0.8, help="fraction of the baseline to fine-tune from")
+    parser.add_argument("--resume", action="store_true", help="continue interrupted runs (finished ones are kept)")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:N]")
+    parser.add_argument("--threads", type=int, help="CPU threads")
+    add_common_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args)
+    return run_main(lambda: _run(args), verbose=args.verbose)
+
+
+def run_ablation(
+    base_config: str | Path,
+    out: Path,
+    rows: list[str] | None = None,
+    baseline_steps: int | None = None,
+    finetune_steps: int | None = None,
+    milestone: float = 0.8,
+    resume: bool = False,
+    device: str = "auto",
+    threads: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Run the ablation (see the module docstring) and return the manifest (also written to ``out``)."""
+    from ..checkpoint import read_checkpoint
+    from ..training.config import TrainConfig
+    from ..training.trainer import BEST_CHECKPOINT, LAST_CHECKPOINT, train
+
+    rows = list(TABLE1) if not rows else list(dict.fromkeys(rows))
+    unknown = [r for r in rows if r not in TABLE1]
+    if unknown:
+        raise InputError(f"unknown ablation row(s) {unknown}; choose from {list(TABLE1)}")
+    if not 0.0 < milestone <= 1.0:
+        raise InputError(f"--milestone must be in (0, 1], got {milestone}")
+    base_path = resolve_config(base_config)
+    base = TrainConfig.from_yaml(base_path).override(name="baseline")
+    if baseline_steps is not None:
+        base = base.override(schedule={"steps": baseline_steps})
+    total = base.schedule.steps
+    milestone_step = max(1, int(round(milestone * total)))
+    fine_steps = finetune_steps if finetune_steps is not None else max(total - milestone_step, 1)
+    row_configs = {name: TrainConfig.from_yaml(resolve_config(name)) for name in rows if name != "baseline"}
+    out.mkdir(parents=True, exist_ok=True)
+    walls: dict[str, float] = {}
+
+    baseline_dir = out / "baseline"
+    milestone_path = baseline_dir / "milestone.pt"
+    start = time.perf_counter()
+    if not milestone_path.is_file():
+        train(base.override(schedule={"steps": milestone_step}), baseline_dir, resume=resume, device=device,
+              progress=progress, threads=threads)
+        shutil.copyfile(baseline_dir / LAST_CHECKPOINT, milestone_path)
+    train(base, baseline_dir, resume=True, device=device, progress=progress, threads=threads)
+    walls["baseline"] = time.perf_counter() - start
+
+    for name, row in row_configs.items():
+        start = time.perf_counter()
+        config = base.override(
+            name=name,
+            loss=asdict(row.loss),
+            schedule={
+                "steps": fine_steps,
+                "init_from": str(milestone_path),
+                "seed": row.schedule.seed,
+                "select_by": row.schedule.select_by,
+            },
+        )
+        train(config, out / name, resume=resume, device=device, progress=progress, threads=threads)
+        walls[name] = time.perf_counter() - start
+
+    manifest_rows = []
+    identity: dict = {}
+    for name in ["baseline", *row_configs]:
+        best = out / name / BEST_CHECKPOINT
+        payload = read_checkpoint(best)
+        identity = identity or dict(payload.get("identity", {}))
+        loss = TrainConfig.from_dict(payload["train_config"]).loss
+        manifest_rows.append(
+            {
+                "name": name,
+                "label": TABLE1[name],
+                "loss": asdict(loss),
+                "checkpoint": f"{name}/{BEST_CHECKPOINT}",
+                "config": f"{name}/config.yaml",
+                "best_step": int(payload.get("step", -1)),
+                "validation": dict(payload.get("validation", {})),
+                "wall_time_s": round(walls.get(name, 0.0), 1),
+            }
+        )
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "base_config": str(base_path),
+        "milestone_step": milestone_step,
+        "baseline_steps": total,
+        "finetune_steps": fine_steps,
+        "identity": identity,
+        "rows": manifest_rows,
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    return manifest
+
+
+def _run(args: argparse.Namespace) -> int:
+    manifest = run_ablation(
+        args.base,
+        args.out,
+        rows=args.rows,
+        baseline_steps=args.baseline_steps,
+        finetune_steps=args.finetune_steps,
+        milestone=args.milestone,
+        resume=args.resume,
+        device=args.device,
+        threads=args.threads,
+        progress=not args.quiet,
+    )
+    width = max(len(row["label"]) for row in manifest["rows"])
+    print(f"{'row'.ljust(width)}  DSC    rigid DSC  |%Δvol|")
+    for row in [{"label": "Initial", "validation": manifest["identity"]}, *manifest["rows"]]:
+        v = row["validation"]
+        print(
+            f"{row['label'].ljust(width)}  {v.get('dice', float('nan')):.3f}  {v.get('rigid_dice', float('nan')):.3f}"
+            f"      {v.get('abs_volume_change_percent', float('nan')):.2f}"
+        )
+    print(f"manifest: {args.out / 'manifest.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

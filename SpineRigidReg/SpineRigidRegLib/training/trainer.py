@@ -1,0 +1,655 @@
+"""The training loop: eq. (1) of the paper on synthesised pairs, with checkpoints, resume, validation and logs.
+
+One call of :func:`train` runs one stage (``config.schedule.steps`` AdamW steps). The paper's schedule is two
+calls: a baseline without rigidity, then a second config whose ``schedule.init_from`` names a checkpoint of the
+first and whose loss switches the rigidity penalties on.
+
+Output folder::
+
+    config.yaml      the full config of the run
+    train.csv        step, loss terms, learning rate, seconds per step (every ``log_every`` steps)
+    validation.csv   step, DSC, rigid DSC, |%Δvol|, folding %, for the network and for the identity (initial)
+    last.pt          weights + optimiser + step + config: what ``resume`` continues from
+    best.pt          the weights with the best validation figure (``schedule.select_by``)
+    tensorboard/     the same scalars, when the ``tensorboard`` package is installed
+    train.log        the log
+
+Distributed: launched by ``torchrun`` (``RANK``/``WORLD_SIZE`` set, ``WORLD_SIZE > 1``) the model is wrapped in
+``DistributedDataParallel`` (``nccl`` on CUDA, ``gloo`` on CPU); each rank draws its own pairs, gradients are
+averaged, and only rank 0 validates, logs and writes files. Mixed precision (bfloat16, or float16 with a gradient
+scaler) applies to the network's forward pass on CUDA only; the losses are computed in float32.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from .. import metrics
+from ..checkpoint import load_network, read_checkpoint, save_checkpoint, select_device, sha256_of
+from ..errors import InputError
+from ..losses.rigidity import rigidity_loss, vertebra_indicators
+from ..losses.similarity import SIMILARITY_LOSSES
+from ..losses.smoothness import diffusion_loss
+from ..network import NetworkConfig, RegistrationNet
+from ..warp import warp, warp_labels
+from .config import PAIR_SOURCES as PAIR_SOURCE_NAMES
+from .config import LossConfig, TrainConfig
+from .pairs import PairPool, RealVolumes, TrainingPair, validation_pairs
+
+log = logging.getLogger(__name__)
+
+LAST_CHECKPOINT = "last.pt"
+BEST_CHECKPOINT = "best.pt"
+TRAIN_FIELDS = [
+    "step", "loss", "similarity", "smooth", "rigidity", "label_dice", "field", "lr", "seconds_per_step", "synthesised"
+]
+VALIDATION_FIELDS = ["step", "dice", "rigid_dice", "abs_volume_change_percent", "folding_percent", "score"]
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or interrupted-and-finished) stage reports.
+
+    Attributes:
+        out_dir: The run's folder.
+        step: Last completed step.
+        best_step: Step of ``best.pt`` (-1 when no validation ran).
+        best_score: Its selection figure.
+        validation: Figures of the last validation (network).
+        identity: The same figures for the identity transform on the same pairs (the initial alignment).
+        wall_time_s: Seconds of this call.
+        device: Where it ran.
+        network: The trained network (this process's copy; identical on every rank under DDP).
+    """
+
+    out_dir: Path
+    step: int
+    best_step: int = -1
+    best_score: float = float("nan")
+    validation: dict[str, float] = field(default_factory=dict)
+    identity: dict[str, float] = field(default_factory=dict)
+    wall_time_s: float = 0.0
+    device: str = "cpu"
+    network: RegistrationNet | None = None
+
+
+# ---------------------------------------------------------------------------------------------------- loss
+
+
+def registration_loss(
+    network: torch.nn.Module,
+    batch: TrainingPair,
+    loss: LossConfig,
+    spacing: tuple[float, float, float],
+    autocast: Callable[[], object] = nullcontext,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Eq. (1) for one batch: ``sim(F, M o phi) + smooth * diffusion(v) + sum_k w_k L_k(labels, phi)``.
+
+    Args:
+        network: :class:`~..network.RegistrationNet` (possibly wrapped in DDP).
+        batch: Pairs on the network's device.
+        loss: Weights.
+        spacing: mm per voxel, array order.
+        autocast: Context manager factory for the forward pass (mixed precision on CUDA).
+
+    Returns:
+        The scalar loss and its terms as floats (``loss``, ``similarity``, ``smooth``, ``rigidity``).
+    """
+    with autocast():
+        output = network(batch.fixed, batch.moving, batch.moving_labels)
+    displacement = output.displacement.float()
+    velocity = output.velocity.float()
+    # Border padding, as in the refinement: zero padding adds an edge at the grid's border that MIND latches onto.
+    warped = warp(batch.moving, displacement, padding_mode="border")
+    similarity = SIMILARITY_LOSSES[loss.similarity](batch.fixed, warped)
+    smooth = diffusion_loss(velocity)
+    total = loss.similarity_weight * similarity + loss.smooth * smooth
+    rigid_weights = loss.rigidity_weights()
+    rigidity = None
+    if rigid_weights:
+        rigidity = rigidity_loss(batch.moving_labels, displacement, rigid_weights, spacing=spacing)
+        total = total + rigidity
+    label_term = None
+    if loss.label_dice > 0:
+        label_term = label_dice_loss(batch.moving_labels, batch.fixed_labels, displacement)
+        total = total + loss.label_dice * label_term
+    field_term = None
+    if loss.field > 0 and batch.true_displacement is not None:
+        field_term = ((displacement - batch.true_displacement) ** 2).sum(dim=1).mean()
+        total = total + loss.field * field_term
+    terms = {
+        "loss": float(total.detach()),
+        "similarity": float(similarity.detach()),
+        "smooth": float(smooth.detach()),
+        "rigidity": float(rigidity.detach()) if rigidity is not None else 0.0,
+        "label_dice": float(label_term.detach()) if label_term is not None else 0.0,
+        "field": float(field_term.detach()) if field_term is not None else 0.0,
+    }
+    return total, terms
+
+
+def label_dice_loss(
+    moving_labels: torch.Tensor, fixed_labels: torch.Tensor, displacement: torch.Tensor
+) -> torch.Tensor:
+    """``1 -`` mean soft Dice of each warped moving vertebra (trilinear) with the same label in the fixed map.
+
+    Args:
+        moving_labels, fixed_labels: ``(B, 1, D, H, W)`` integer labels on one grid.
+        displacement: ``(B, 3, D, H, W)`` voxels.
+
+    Returns:
+        Scalar over the (sample, vertebra) pairs present in the moving map; a graph-attached 0 when there are none.
+    """
+    moving, present, values = vertebra_indicators(moving_labels)
+    if not values:
+        return displacement.sum() * 0.0
+    fixed, _, _ = vertebra_indicators(fixed_labels, label_values=values)
+    warped = warp(moving, displacement)
+    overlap = 2.0 * (warped * fixed).flatten(2).sum(-1)
+    dice = overlap / (warped.flatten(2).sum(-1) + fixed.flatten(2).sum(-1)).clamp_min(1e-6)
+    return 1.0 - dice[present].mean()
+
+
+# -------------------------------------------------------------------------------------------- validation
+
+
+def _mean(values: dict[int, float] | list[float]) -> float:
+    items = list(values.values()) if isinstance(values, dict) else list(values)
+    finite = [v for v in items if math.isfinite(v)]
+    return float(sum(finite) / len(finite)) if finite else float("nan")
+
+
+def pair_figures(
+    pair: TrainingPair, displacement: torch.Tensor, spacing: tuple[float, float, float]
+) -> dict[str, float]:
+    """DSC (warped moving labels vs fixed labels), rigid DSC, mean |%Δvol| and folding % of one pair (B = 1)."""
+    moving_labels = pair.moving_labels
+    values = sorted(int(v) for v in torch.unique(moving_labels).tolist() if v > 0)
+    if not values:
+        return {}
+    warped = warp_labels(moving_labels, displacement, label_values=values)
+    dice = metrics.dice_per_label(warped, pair.fixed_labels, label_values=values)
+    rigid = metrics.rigid_dice_per_label(moving_labels, displacement, spacing, label_values=values)
+    volume = metrics.volume_change_percent(moving_labels, displacement, spacing, label_values=values)
+    field_stats = metrics.field_summary(displacement, spacing)
+    return {
+        "dice": _mean(dice),
+        "rigid_dice": _mean(rigid),
+        "abs_volume_change_percent": _mean([abs(v) for v in volume.values()]),
+        "folding_percent": float(field_stats["folding_percent"]),
+    }
+
+
+def evaluate(
+    network: RegistrationNet | None,
+    pairs: list[TrainingPair],
+    spacing: tuple[float, float, float],
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """Mean :func:`pair_figures` over ``pairs``; ``network=None`` scores the identity (the initial alignment)."""
+    rows = []
+    for pair in pairs:
+        pair = pair.to(device)
+        if network is None:
+            displacement = torch.zeros((1, 3, *pair.fixed.shape[2:]), device=device)
+        else:
+            with torch.inference_mode():
+                displacement = network(pair.fixed, pair.moving, pair.moving_labels).displacement.float()
+        figures = pair_figures(pair, displacement, spacing)
+        if figures:
+            rows.append(figures)
+    if not rows:
+        return {}
+    return {key: _mean([row[key] for row in rows]) for key in rows[0]}
+
+
+def selection_score(figures: dict[str, float], select_by: str) -> float:
+    """The figure ``best.pt`` is chosen by (higher is better)."""
+    if not figures:
+        return float("nan")
+    if select_by == "dice_rigid":
+        return 0.5 * (figures["dice"] + figures["rigid_dice"])
+    return figures[select_by]
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; (0, 1) when not launched by it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    return (rank, world) if world > 1 else (0, 1)
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Learning rate of (1-based) ``step``: linear warm-up, then constant or cosine to 10 % of the peak."""
+    optim = config.optim
+    peak = optim.learning_rate
+    if optim.warmup_steps and step <= optim.warmup_steps:
+        return peak * step / optim.warmup_steps
+    if optim.schedule == "cosine":
+        span = max(config.schedule.steps - optim.warmup_steps, 1)
+        progress = min(max(step - optim.warmup_steps, 0) / span, 1.0)
+        return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return peak
+
+
+def git_commit(folder: Path | None = None) -> str:
+    """The repository's HEAD commit (``"unknown"`` outside a git checkout)."""
+    folder = folder or Path(__file__).resolve().parent
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return result.stdout.strip() or "unknown"
+
+
+class _Logs:
+    """CSV files and the optional TensorBoard writer (rank 0 only)."""
+
+    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool = True) -> None:
+        self.enabled = enabled
+        self.out_dir = out_dir
+        self.writer = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+            except ImportError:
+                log.info("tensorboard is not installed: CSV logs only (pip install tensorboard)")
+
+    def _row(self, name: str, columns: list[str], row: dict[str, float]) -> None:
+        path = self.out_dir / name
+        new = not path.is_file()
+        with open(path, "a", newline="", encoding="utf-8") as stream:
+            writer = csv.DictWriter(stream, fieldnames=columns, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def truncate(self, step: int) -> None:
+        """Drop the rows logged after ``step`` (by a run interrupted after its last checkpoint)."""
+        for name in ("train.csv", "validation.csv"):
+            path = self.out_dir / name
+            if not path.is_file():
+                continue
+            with open(path, newline="", encoding="utf-8") as stream:
+                rows = list(csv.reader(stream))
+            kept = rows[:1] + [r for r in rows[1:] if r and int(float(r[0])) <= step]
+            with open(path, "w", newline="", encoding="utf-8") as stream:
+                csv.writer(stream).writerows(kept)
+
+    def train(self, row: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self._row("train.csv", TRAIN_FIELDS, row)
+        if self.writer is not None:
+            for key in ("loss", "similarity", "smooth", "rigidity", "label_dice", "field", "lr"):
+                self.writer.add_scalar(f"train/{key}", row[key], int(row["step"]))
+
+    def validation(self, step: int, figures: dict[str, float], identity: dict[str, float], score: float) -> None:
+        if not self.enabled:
+            return
+        self._row("validation.csv", VALIDATION_FIELDS, {"step": step, **figures, "score": score})
+        if step == 0 or not (self.out_dir / "validation_identity.csv").is_file():
+            self._row("validation_identity.csv", VALIDATION_FIELDS[:-1], {"step": step, **identity})
+        if self.writer is not None:
+            for key, value in figures.items():
+                self.writer.add_scalar(f"validation/{key}", value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+# ------------------------------------------------------------------------------------------------ train
+
+
+def train(
+    config: TrainConfig,
+    out_dir: str | os.PathLike,
+    resume: bool = False,
+    device: str = "auto",
+    progress: bool = True,
+    threads: int | None = None,
+    tensorboard: bool = True,
+) -> TrainResult:
+    """Run one training stage (see the module docstring).
+
+    Args:
+        config: The recipe.
+        out_dir: Output folder (created).
+        resume: Continue from ``out_dir/last.pt`` (weights, optimiser, step). Without it, an existing ``last.pt``
+            is an error, so a finished run is never overwritten by accident.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda[:N]"`` (under torchrun, CUDA uses ``LOCAL_RANK``'s GPU).
+        progress: Draw a tqdm bar with the loss terms (rank 0).
+        threads: ``torch.set_num_threads`` for CPU training (``None`` leaves torch's default).
+        tensorboard: Also write TensorBoard scalars when the package is installed.
+
+    Returns:
+        A :class:`TrainResult`.
+    """
+    start_time = time.perf_counter()
+    out = Path(out_dir)
+    rank, world = _distributed()
+    main = rank == 0
+    torch_device = select_device(device)
+    if world > 1 and torch_device.type == "cuda":
+        torch_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+        torch.cuda.set_device(torch_device)
+    if threads is not None and torch_device.type == "cpu":
+        torch.set_num_threads(int(threads))
+    started_group = False
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch_device.type == "cuda" else "gloo")
+        started_group = True
+    last_path = out / LAST_CHECKPOINT
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        if last_path.is_file() and not resume:
+            raise InputError(f"{last_path} exists: pass resume=True (--resume) to continue it, or another folder")
+        handler = _attach_file_log(out)
+        config.to_yaml(out / "config.yaml")
+    else:
+        handler = None
+    logs = _Logs(out, main, tensorboard)
+    try:
+        return _run(config, out, resume, torch_device, progress and main, rank, world, logs, start_time)
+    finally:
+        logs.close()
+        if handler is not None:
+            logging.getLogger("SpineRigidRegLib").removeHandler(handler)
+            handler.close()
+        if started_group:
+            dist.destroy_process_group()
+
+
+def _attach_file_log(out: Path) -> logging.Handler:
+    root = logging.getLogger("SpineRigidRegLib")
+    handler = logging.FileHandler(str((out / "train.log").resolve()), encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    root.addHandler(handler)
+    if root.level == logging.NOTSET or root.level > logging.INFO:
+        root.setLevel(logging.INFO)
+    return handler
+
+
+def _initial_network(config: TrainConfig) -> RegistrationNet:
+    torch.manual_seed(config.schedule.seed)
+    network = RegistrationNet(config.network)
+    if config.schedule.init_from:
+        source = load_network(config.schedule.init_from)
+        if source.config != config.network:
+            raise InputError(
+                f"schedule.init_from {config.schedule.init_from} has another architecture ({source.config}) than "
+                f"this config's network ({config.network})"
+            )
+        network.load_state_dict(source.state_dict(), strict=True)
+        log.info("weights initialised from %s", config.schedule.init_from)
+    return network
+
+
+def _autocast_factory(config: TrainConfig, device: torch.device) -> tuple[Callable[[], object], object | None]:
+    if not (config.schedule.amp and device.type == "cuda"):
+        return nullcontext, None
+    if torch.cuda.is_bf16_supported():
+        return (lambda: torch.autocast("cuda", dtype=torch.bfloat16)), None
+    scaler = torch.amp.GradScaler("cuda")
+    return (lambda: torch.autocast("cuda", dtype=torch.float16)), scaler
+
+
+def _run(
+    config: TrainConfig,
+    out: Path,
+    resume: bool,
+    device: torch.device,
+    show_progress: bool,
+    rank: int,
+    world: int,
+    logs: _Logs,
+    start_time: float,
+) -> TrainResult:
+    schedule = config.schedule
+    network = _initial_network(config).to(device)
+    optimizer = torch.optim.AdamW(
+        network.parameters(), lr=config.optim.learning_rate, weight_decay=config.optim.weight_decay
+    )
+    autocast, scaler = _autocast_factory(config, device)
+    step, best_step, best_score = 0, -1, float("-inf")
+    last_path = out / LAST_CHECKPOINT
+    if resume and last_path.is_file():
+        state = read_checkpoint(last_path)
+        if NetworkConfig.from_dict(state["config"]) != config.network:
+            raise InputError(f"{last_path} was trained with another architecture than this config's")
+        network.load_state_dict(state["state_dict"], strict=True)
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        step = int(state["step"])
+        best_step, best_score = int(state.get("best_step", -1)), float(state.get("best_score", float("-inf")))
+        if rank == 0:
+            logs.truncate(step)
+        log.info("resumed from %s at step %d", last_path, step)
+    elif resume:
+        log.info("nothing to resume in %s: starting at step 0", out)
+    model: torch.nn.Module = network
+    if world > 1:
+        model = DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
+    spacing = (config.data.spacing_mm,) * 3
+    real = RealVolumes(config.data.real_data_dir, config.data.spacing_mm)
+    pool = PairPool(config.data, config.synthesis, seed=schedule.seed, rank=rank, real=real)
+    validation: list[TrainingPair] = []
+    identity: dict[str, float] = {}
+    last_figures: dict[str, float] = {}
+    main = rank == 0
+    if main and config.data.validation_pairs:
+        validation = validation_pairs(config.data, config.synthesis, real)
+        identity = evaluate(None, validation, spacing, device)
+        log.info("validation pairs: %d; identity (initial): %s", len(validation), _fmt(identity))
+        if step == 0:
+            last_figures = evaluate(network, validation, spacing, device)
+            logs.validation(0, last_figures, identity, selection_score(last_figures, schedule.select_by))
+    t = time.perf_counter()
+    made = pool.sync(step)
+    log.info("pair pool ready: %d pairs synthesised in %.1f s", made, time.perf_counter() - t)
+
+    bar = None
+    if show_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=schedule.steps, initial=step, desc=config.name, mininterval=2.0, dynamic_ncols=True)
+    last_save = time.perf_counter()
+    step_time = time.perf_counter()
+    network.train()
+    terms: dict[str, float] = {}
+    while step < schedule.steps:
+        step += 1
+        made = pool.sync(step - 1)
+        batch = pool.batch(step - 1).to(device)
+        lr = learning_rate(config, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        total, terms = registration_loss(model, batch, config.loss, spacing, autocast)
+        if not math.isfinite(terms["loss"]):
+            raise InputError(f"the loss became {terms['loss']} at step {step}: lower optim.learning_rate")
+        if scaler is not None:
+            scaler.scale(total).backward()
+            scaler.unscale_(optimizer)
+        else:
+            total.backward()
+        if config.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(network.parameters(), config.optim.grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4f}" for k, v in terms.items()}, refresh=False)
+        if main and (step % schedule.log_every == 0 or step == schedule.steps):
+            now = time.perf_counter()
+            per_step = (now - step_time) / (schedule.log_every if step % schedule.log_every == 0 else 1)
+            step_time = now
+            logs.train({"step": step, **terms, "lr": lr, "seconds_per_step": per_step, "synthesised": made})
+        if main:
+            final = step == schedule.steps
+            if validation and (final or (schedule.validate_every and step % schedule.validate_every == 0)):
+                network.eval()
+                last_figures = evaluate(network, validation, spacing, device)
+                network.train()
+                score = selection_score(last_figures, schedule.select_by)
+                logs.validation(step, last_figures, identity, score)
+                log.info("step %d validation: %s (identity %s)", step, _fmt(last_figures), _fmt(identity))
+                if math.isfinite(score) and score > best_score:
+                    best_step, best_score = step, score
+                    save_checkpoint(
+                        out / BEST_CHECKPOINT, network, step=step, validation=last_figures, identity=identity,
+                        train_config=config.to_dict(),
+                    )
+            due = (schedule.checkpoint_every and step % schedule.checkpoint_every == 0) or (
+                schedule.checkpoint_minutes and time.perf_counter() - last_save > 60.0 * schedule.checkpoint_minutes
+            )
+            if final or due:
+                extra = {"scaler": scaler.state_dict()} if scaler is not None else {}
+                save_checkpoint(
+                    last_path, network, optimizer=optimizer.state_dict(), step=step, best_step=best_step,
+                    best_score=best_score, train_config=config.to_dict(), **extra,
+                )
+                last_save = time.perf_counter()
+    if bar is not None:
+        bar.close()
+    if main and not validation and step > 0:
+        save_checkpoint(out / BEST_CHECKPOINT, network, step=step, train_config=config.to_dict())
+        best_step = step
+    return TrainResult(
+        out_dir=out,
+        step=step,
+        best_step=best_step,
+        best_score=best_score if math.isfinite(best_score) else float("nan"),
+        validation=last_figures,
+        identity=identity,
+        wall_time_s=time.perf_counter() - start_time,
+        device=str(device),
+        network=network,
+    )
+
+
+def _fmt(figures: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in figures.items())
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+def _stage_summary(run: Path) -> dict:
+    """What one finished run folder says about itself: config, steps, best step, validation, wall time."""
+    best = read_checkpoint(run / BEST_CHECKPOINT)
+    last = read_checkpoint(run / LAST_CHECKPOINT) if (run / LAST_CHECKPOINT).is_file() else best
+    config = TrainConfig.from_yaml(run / "config.yaml")
+    wall = float("nan")
+    log_path = run / "train.log"
+    if log_path.is_file():
+        first = log_path.read_text(encoding="utf-8").splitlines()[:1]
+        if first:
+            started = time.mktime(time.strptime(first[0][:19], "%Y-%m-%d %H:%M:%S"))
+            wall = (run / LAST_CHECKPOINT).stat().st_mtime - started
+    return {
+        "run": run.name,
+        "config": config.to_dict(),
+        "steps": int(last.get("step", best.get("step", 0))),
+        "best_step": int(best.get("step", -1)),
+        "validation": dict(best.get("validation", {})),
+        "identity": dict(best.get("identity", {})),
+        "wall_time_s": round(wall, 1),
+    }
+
+
+def export_model(
+    stages: list[str | os.PathLike],
+    destination: str | os.PathLike,
+    name: str = "default",
+    device_label: str = "CPU",
+    notes: dict | None = None,
+) -> dict:
+    """Ship a trained model: ``<name>.pt`` (weights + architecture only) and ``<name>.json`` (its model card).
+
+    Args:
+        stages: The run folders of the training, in order (e.g. the baseline, then the fine-tuning); the weights are
+            the last one's ``best.pt``.
+        destination: Folder to write to (``Resources/Models`` for the bundled model).
+        name: File name stem.
+        device_label: How the training hardware is described (e.g. ``"CPU (2 cores)"``).
+        notes: Extra card entries (e.g. the reproduction commands).
+
+    Returns:
+        The card, in the format :func:`..checkpoint.model_card` and :func:`..checkpoint.load_bundled_network` read:
+        ``weights``, ``sha256``, ``network``, ``training``, ``steps`` (behind the shipped weights), ``steps_run``,
+        ``device``, ``wall_time_s`` (all stages), ``git_commit``, ``validation``.
+    """
+    runs = [Path(s) for s in stages]
+    if not runs:
+        raise InputError("export_model needs at least one run folder")
+    summaries = [_stage_summary(run) for run in runs]
+    network = load_network(runs[-1] / BEST_CHECKPOINT)
+    dest = Path(destination)
+    weights = save_checkpoint(dest / f"{name}.pt", network)
+    final = summaries[-1]
+    data = final["config"]["data"]
+    sources = [k for k in PAIR_SOURCE_NAMES if data[k] > 0]
+    card = {
+        "name": name,
+        "weights": weights.name,
+        "sha256": sha256_of(weights),
+        "size_bytes": weights.stat().st_size,
+        "network": network.config.to_dict(),
+        "inputs": {
+            "fixed": "MR resampled to 1 mm on the processing grid, intensities mapped to [0, 1] (0.5-99.5 percentiles)",
+            "moving": "CT on the same grid after rigid pre-alignment, [0, 1] the same way",
+            "moving_labels": "CT vertebra labels on the same grid (enter as a binary bone mask)",
+            "size_multiple": network.config.required_multiple,
+        },
+        "training": {
+            "stages": summaries,
+            "data": final["config"]["data"],
+            "synthesis": final["config"]["synthesis"],
+        },
+        # Steps behind the shipped weights (earlier stages in full, the last one up to its best checkpoint).
+        "steps": sum(s["steps"] for s in summaries[:-1]) + max(final["best_step"], 0),
+        "steps_run": sum(s["steps"] for s in summaries),
+        "device": device_label,
+        "wall_time_s": round(sum(s["wall_time_s"] for s in summaries if math.isfinite(s["wall_time_s"])), 1),
+        "git_commit": git_commit(),
+        "validation": {
+            "pairs": f"{data['validation_pairs']} fixed-seed synthesised pairs ({', '.join(sources)} in turn), "
+            f"{data.get('validation_size') or data['crop_size']} voxels of {data['spacing_mm']} mm",
+            "network": final["validation"],
+            "identity": final["identity"],
+        },
+        "benchmark": {},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if notes:
+        card.update(notes)
+    (dest / f"{name}.json").write_text(json.dumps(card, indent=2), encoding="utf-8")
+    return card
