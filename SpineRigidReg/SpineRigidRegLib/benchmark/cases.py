@@ -24,7 +24,7 @@ import SimpleITK as sitk
 import torch
 
 from ..data.phantom import make_phantom
-from ..data.synthesis import SynthesisSettings, synthesize_pair
+from ..data.synthesis import SynthesisSettings, SyntheticPair, synthesize_pair
 from ..errors import InputError
 from ..geometry import Geometry
 
@@ -69,6 +69,21 @@ class BenchmarkCase:
     @property
     def geometry(self) -> Geometry:
         return Geometry.of(self.fixed)
+
+    @classmethod
+    def from_pair(cls, name: str, source: str, seed: int, pair: SyntheticPair, description: dict) -> BenchmarkCase:
+        """A case holding a synthesised pair's images, labels and true displacement."""
+        return cls(
+            name=name,
+            source=source,
+            seed=seed,
+            fixed=pair.fixed,
+            moving=pair.moving,
+            moving_labels=pair.moving_labels,
+            fixed_labels=pair.fixed_labels,
+            true_displacement=pair.true_displacement,
+            description=description,
+        )
 
 
 def _scaled_motion(settings: SynthesisSettings, scale: float) -> SynthesisSettings:
@@ -119,17 +134,7 @@ def phantom_case(index: int, seed: int, tiny: bool = False, settings: SynthesisS
         "motion_scale": scale,
         "grid": list(phantom.geometry.shape),
     }
-    return BenchmarkCase(
-        name=f"phantom-{index:02d}",
-        source=PHANTOM,
-        seed=seed,
-        fixed=pair.fixed,
-        moving=pair.moving,
-        moving_labels=pair.moving_labels,
-        fixed_labels=pair.fixed_labels,
-        true_displacement=pair.true_displacement,
-        description=description,
-    )
+    return BenchmarkCase.from_pair(f"phantom-{index:02d}", PHANTOM, seed, pair, description)
 
 
 def real_case(
@@ -150,17 +155,7 @@ def real_case(
         "motion_scale": scale,
         "grid": list(geometry.shape),
     }
-    return BenchmarkCase(
-        name=f"real-{index:02d}",
-        source=REAL,
-        seed=seed,
-        fixed=pair.fixed,
-        moving=pair.moving,
-        moving_labels=pair.moving_labels,
-        fixed_labels=pair.fixed_labels,
-        true_displacement=pair.true_displacement,
-        description=description,
-    )
+    return BenchmarkCase.from_pair(f"real-{index:02d}", REAL, seed, pair, description)
 
 
 @dataclass(frozen=True)
