@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import InputError
-from .common import add_common_arguments, configure_logging, progress_bar, run_main
+from .common import add_common_arguments, progress_bar, run_command
 
 #: ``../shared/data`` beside the repository (the development workspace and CI).
 DEFAULT_SHARED_DATA = Path(__file__).resolve().parents[4] / "shared" / "data"
@@ -56,10 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    configure_logging(args)
-    return run_main(lambda: _run(args), verbose=args.verbose)
+    return run_command(build_parser(), _run, argv)
 
 
 def _run(args: argparse.Namespace) -> int:

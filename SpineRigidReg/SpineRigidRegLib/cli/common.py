@@ -45,6 +45,15 @@ def progress_bar(enabled: bool = True) -> Iterator[Callable[[float, str], None]]
         bar.close()
 
 
+def run_command(
+    parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int], argv: list[str] | None
+) -> int:
+    """Every ``srr-*`` entry point: parse ``argv``, set up logging, then :func:`run_main` the command's ``run``."""
+    args = parser.parse_args(argv)
+    configure_logging(args)
+    return run_main(lambda: run(args), verbose=args.verbose)
+
+
 def run_main(body: Callable[[], int], verbose: bool = False) -> int:
     """Run a command body; bad input -> one line on stderr and exit code 2 (a traceback only with --verbose)."""
     try:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..checkpoint import resources_dir
 from ..errors import InputError
-from .common import add_common_arguments, configure_logging, progress_bar, run_main
+from .common import add_common_arguments, progress_bar, run_command
 
 SAMPLE_FILES = {
     "fixed": "mr.nii.gz",
@@ -91,10 +91,7 @@ def parse_weights(text: str | None) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    configure_logging(args)
-    return run_main(lambda: _run(args), verbose=args.verbose)
+    return run_command(build_parser(), _run, argv)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from ..errors import InputError
-from .common import add_common_arguments, configure_logging, run_main
+from .common import add_common_arguments, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,9 +47,7 @@ def read_transform(path: Path) -> sitk.Transform:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    configure_logging(args)
-    return run_main(lambda: _run(args), verbose=args.verbose)
+    return run_command(build_parser(), _run, argv)
 
 
 def _run(args: argparse.Namespace) -> int:
