@@ -242,3 +242,10 @@ def test_write_landmarks_rejects_bad_points(tmp_path: Path) -> None:
         io.write_landmarks({"L1": [1.0, 2.0]}, tmp_path / "a.csv")
     with pytest.raises(InputError, match="use .mrk.json"):
         io.write_landmarks({"L1": [1.0, 2.0, 3.0]}, tmp_path / "a.txt")
+
+
+def test_rows_csv_takes_every_column_in_order_and_formats_floats(tmp_path: Path) -> None:
+    rows = [{"label": 20, "dice": 0.123456789}, {"label": 21, "tre_mm": float("nan"), "dice": 1.0}]
+    path = io.write_rows_csv(rows, tmp_path / "t.csv", float_format=".3g")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert lines == ["label,dice,tre_mm", "20,0.123,", "21,1,"]

@@ -294,6 +294,29 @@ def write_dicom_series(
     return written
 
 
+def write_rows_csv(rows: list[Mapping[str, object]], path: PathLike, float_format: str | None = None) -> Path:
+    """Write dict rows as CSV; the columns are every key in first-seen order (a row lacking one leaves it empty).
+
+    ``float_format`` (e.g. ``".6g"``) formats floats, and NaN becomes an empty cell; ``None`` writes them as is.
+    """
+    path = Path(path)
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+
+    def cell(value: object) -> object:
+        if float_format is not None and isinstance(value, float):
+            return "" if value != value else format(value, float_format)
+        return value
+
+    with open(path, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.DictWriter(stream, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: cell(v) for k, v in row.items()})
+    return path
+
+
 # -------------------------------------------------------------------------------------------------- landmarks
 
 

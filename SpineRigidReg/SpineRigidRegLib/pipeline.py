@@ -26,6 +26,7 @@ from . import metrics
 from .checkpoint import load_bundled_network, load_network, select_device
 from .errors import CancelledError, InputError
 from .geometry import Geometry, displacement_field_image, image_to_tensor, tensor_to_image
+from .io import write_rows_csv
 from .jacobian import determinant, jacobian_matrix
 from .network import RegistrationNet
 from .prealign import Prealignment, prealign
@@ -586,7 +587,7 @@ def write_outputs(
         sitk.WriteTransform(
             Prealignment(result.prealign, result.prealign_method).transform(), str(staging / names["prealign"])
         )
-        _write_table(result.vertebrae, staging / names["vertebrae_csv"])
+        write_rows_csv(result.vertebrae, staging / names["vertebrae_csv"])
         with open(staging / names["vertebrae_json"], "w", encoding="utf-8") as stream:
             json.dump(
                 {
@@ -617,18 +618,6 @@ def _json_default(value: object) -> object:
     if isinstance(value, np.ndarray):
         return value.tolist()
     return str(value)
-
-
-def _write_table(rows: list[dict], path: Path) -> None:
-    import csv
-
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    with open(path, "w", newline="", encoding="utf-8") as stream:
-        writer = csv.DictWriter(stream, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 __all__ = [

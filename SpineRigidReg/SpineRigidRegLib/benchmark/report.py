@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..io import write_rows_csv
 from .runner import INITIAL, STARING, BenchmarkRun
 
 VERTEBRA_CSV = "per_vertebra.csv"
@@ -50,23 +51,6 @@ TABLE_COLUMNS = (
 
 
 # ---------------------------------------------------------------------------------------------------- files
-
-
-def _write_csv(rows: Sequence[Mapping], path: Path) -> None:
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    with open(path, "w", newline="", encoding="utf-8") as stream:
-        writer = csv.DictWriter(stream, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _cell(v) for k, v in row.items()})
-
-
-def _cell(value: object) -> object:
-    if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.6g}"
-    return value
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -113,8 +97,8 @@ def write_results(run: BenchmarkRun, out_dir: str | os.PathLike) -> dict[str, Pa
     """Write the CSV files and the panel slices; returns name -> path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_csv(run.vertebra_rows, out / VERTEBRA_CSV)
-    _write_csv(run.case_rows, out / CASE_CSV)
+    write_rows_csv(run.vertebra_rows, out / VERTEBRA_CSV, float_format=".6g")
+    write_rows_csv(run.case_rows, out / CASE_CSV, float_format=".6g")
     if run.panels:
         np.savez_compressed(out / PANELS, **run.panels)
     return {"per_vertebra": out / VERTEBRA_CSV, "per_case": out / CASE_CSV, "panels": out / PANELS}

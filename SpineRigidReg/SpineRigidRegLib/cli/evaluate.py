@@ -98,9 +98,9 @@ def _run(args: argparse.Namespace) -> int:
     print("\nmean: " + ", ".join(parts))
     print(f"evaluation grid: {' x '.join(str(s) for s in grid.shape)} voxels of {grid.spacing[0]:.2f} mm")
     if args.csv:
-        from ..pipeline import _write_table
+        from ..io import write_rows_csv
 
-        _write_table(rows, args.csv)
+        write_rows_csv(rows, args.csv)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as stream:
             json.dump({"vertebrae": rows, "summary": summary}, stream, indent=2, default=float)
