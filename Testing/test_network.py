@@ -41,15 +41,18 @@ def test_default_config_is_the_papers_network():
     assert net.velocity_head.kernel_size == (3, 3, 3)
 
 
+@pytest.mark.parametrize("input_resolution", ["full", "half"])
 @pytest.mark.parametrize("resolution", ["full", "half"])
-def test_output_shapes_on_non_cubic_inputs(resolution):
-    shape = (16, 32, 48)
-    net = RegistrationNet(NetworkConfig(velocity_resolution=resolution, **SMALL))
+def test_output_shapes_on_non_cubic_inputs(resolution, input_resolution):
+    config = NetworkConfig(velocity_resolution=resolution, input_resolution=input_resolution, **SMALL)
+    assert config.required_multiple == (16 if input_resolution == "full" else 32)
+    shape = (32, 64, 96)
+    net = RegistrationNet(config)
     fixed, moving, labels = inputs(shape, batch=2)
     with torch.no_grad():
         out = net(fixed, moving, labels)
     assert out.displacement.shape == (2, 3, *shape)
-    factor = 1 if resolution == "full" else 2
+    factor = (1 if resolution == "full" else 2) * (1 if input_resolution == "full" else 2)
     assert out.velocity.shape == (2, 3, *(s // factor for s in shape))
     assert out.displacement.dtype == torch.float32 and torch.isfinite(out.displacement).all()
 
@@ -140,6 +143,8 @@ def test_config_round_trips_through_a_plain_dict_and_rejects_nonsense():
         NetworkConfig.from_dict({**config.to_dict(), "dropout": 0.1})
     with pytest.raises(InputError, match="velocity_resolution"):
         NetworkConfig(velocity_resolution="quarter")
+    with pytest.raises(InputError, match="input_resolution"):
+        NetworkConfig(input_resolution="quarter")
     with pytest.raises(InputError, match="equal length"):
         NetworkConfig(encoder_channels=(8, 8), decoder_channels=(8,))
     with pytest.raises(InputError, match="positive"):

@@ -11,10 +11,13 @@ from SpineRigidRegLib import pipeline
 from SpineRigidRegLib.data.phantom import make_phantom
 from SpineRigidRegLib.errors import CancelledError, InputError
 from SpineRigidRegLib.network import NetworkConfig, RegistrationNet
+from SpineRigidRegLib.polyrigid import VertebraRigidSettings
 from SpineRigidRegLib.prealign import label_centroids
 
 TINY = NetworkConfig(encoder_channels=(4, 4, 4, 4), decoder_channels=(4, 4, 4, 4), final_channels=(4,))
-FAST = pipeline.RegistrationSettings(device="cpu", refine_steps=0, margin_mm=8.0)
+FAST = pipeline.RegistrationSettings(
+    device="cpu", refine_steps=0, margin_mm=8.0, vertebra_rigid=VertebraRigidSettings(steps=0)
+)  # network only
 
 
 @pytest.fixture(scope="module")

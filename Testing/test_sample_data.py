@@ -147,7 +147,8 @@ def test_register_sample_runs_with_any_model(tmp_path) -> None:
     network = RegistrationNet(NetworkConfig(encoder_channels=(4, 4), decoder_channels=(4, 4), final_channels=(4,)))
     model = save_checkpoint(tmp_path / "tiny.pt", network)
     out = tmp_path / "out"
-    args = ["--sample", "--model", str(model), "--refine-steps", "0", "--device", "cpu", "--out", str(out), "--quiet"]
+    args = ["--sample", "--model", str(model), "--refine-steps", "0", "--vertebra-steps", "2", "--device", "cpu"]
+    args += ["--out", str(out), "--quiet"]
     code = main(args)
     assert code == 0
     assert (out / "qa.png").is_file() and (out / "transform.h5").is_file()

@@ -388,6 +388,36 @@ def test_srr_ablation_trains_the_baseline_then_fine_tunes_rows_from_its_mileston
 # ------------------------------------------------------------------------------------------ bundled model
 
 
+@pytest.mark.parametrize("spacing_mm", [1.0, 2.0])
+def test_export_ships_the_best_weights_with_a_card_and_runs_them_on_the_pipelines_1mm_grid(tmp_path, spacing_mm):
+    from SpineRigidRegLib.training.trainer import export_model
+
+    config = tiny_config(data={"spacing_mm": spacing_mm}, schedule={"steps": 2, "validate_every": 1})
+    result = train(config, tmp_path / "run", progress=False, tensorboard=False)
+    card = export_model([tmp_path / "run"], tmp_path / "models", name="m", device_label="CPU (test)")
+    assert card["sha256"] == sha256_of(tmp_path / "models" / "m.pt") and card["device"] == "CPU (test)"
+    assert card["training"]["stages"][0]["steps"] == 2
+    shipped = load_bundled_network(card_path=str(tmp_path / "models" / "m.json"))
+    trained = load_network(tmp_path / "run" / "best.pt")
+    fixed, moving = torch.rand(1, 1, 64, 32, 32), torch.rand(1, 1, 64, 32, 32)
+    labels = (torch.rand(1, 1, 64, 32, 32) > 0.8).long()
+    with torch.no_grad():
+        out = shipped(fixed, moving, labels).displacement
+    assert out.shape == (1, 3, 64, 32, 32)
+    if spacing_mm == 1.0:
+        assert shipped.config == trained.config
+        with torch.no_grad():
+            torch.testing.assert_close(out, trained(fixed, moving, labels).displacement)
+    else:
+        # trained on 2 mm pairs: shipped to average the 1 mm inputs to 2 mm, the same weights, a 1 mm field
+        assert shipped.config.input_resolution == "half" and trained.config.input_resolution == "full"
+        pool = torch.nn.functional.avg_pool3d
+        with torch.no_grad():
+            coarse = trained(pool(fixed, 2), pool(moving, 2), (pool(labels.float(), 2) >= 0.5).long()).velocity
+        torch.testing.assert_close(shipped(fixed, moving, labels).velocity, coarse)
+    assert result.step == 2
+
+
 def test_tampered_or_mismatched_weights_get_a_clear_error(tmp_path):
     network = RegistrationNet(NetworkConfig(**{k: tuple(v) for k, v in TINY_NETWORK.items()}))
     weights = save_checkpoint(tmp_path / "m.pt", network)
@@ -444,14 +474,16 @@ def test_bundled_model_card_describes_the_weights(bundled):
 @pytest.fixture(scope="module")
 def bundled_scores(bundled) -> dict[str, float]:
     """Mean per-vertebra DSC / rigid DSC of the bundled model on two 48^3 phantom pairs: initial alignment, network
-    alone, and network + 20 steps of the pipeline's test-time refinement."""
+    alone, and the pipeline's default (network + vertebra-wise rigid alignment)."""
     from SpineRigidRegLib.pipeline import RegistrationSettings, register_prealigned
 
     _, network = bundled
     torch.set_num_threads(1)
     data = DataConfig(crop_size=(48, 48, 48), synth_size=(64, 64, 64), phantom_vertebrae=(3, 4))
     synthesis = TrainConfig().synthesis
-    scores: dict[str, list[float]] = {"initial": [], "network": [], "pipeline": [], "rigid_network": []}
+    scores: dict[str, list[float]] = {
+        "initial": [], "network": [], "pipeline": [], "rigid_network": [], "rigid_pipeline": []
+    }
     for seed in (11, 12):
         pair = center_crop(make_pair("phantom", seed, data, synthesis), data.crop_size)
         values = sorted(int(v) for v in torch.unique(pair.moving_labels).tolist() if v > 0)
@@ -463,15 +495,14 @@ def bundled_scores(bundled) -> dict[str, float]:
             pair.moving_labels,
             (1.0, 1.0, 1.0),
             network,
-            RegistrationSettings(device="cpu", refine_steps=20),
+            RegistrationSettings(device="cpu"),
         )
         for key, u in (("network", net_field), ("pipeline", field)):
             warped = warp_labels(pair.moving_labels, u, label_values=values)
             scores[key] += list(metrics.dice_per_label(warped, pair.fixed_labels, values).values())
         scores["initial"] += list(metrics.dice_per_label(pair.moving_labels, pair.fixed_labels, values).values())
-        scores["rigid_network"] += list(
-            metrics.rigid_dice_per_label(pair.moving_labels, net_field, label_values=values).values()
-        )
+        for key, u in (("rigid_network", net_field), ("rigid_pipeline", field)):
+            scores[key] += list(metrics.rigid_dice_per_label(pair.moving_labels, u, label_values=values).values())
     return {key: sum(v) / len(v) for key, v in scores.items()}
 
 
@@ -480,8 +511,9 @@ def test_bundled_network_keeps_vertebrae_rigid_and_degrades_nothing(bundled_scor
     assert bundled_scores["network"] >= bundled_scores["initial"] - 0.01, bundled_scores
 
 
-def test_bundled_model_in_the_pipeline_improves_dsc_over_the_initial_alignment(bundled_scores):
-    assert bundled_scores["pipeline"] > bundled_scores["initial"], bundled_scores
+def test_default_pipeline_improves_dsc_over_the_initial_alignment_and_keeps_vertebrae_rigid(bundled_scores):
+    assert bundled_scores["pipeline"] > bundled_scores["initial"] + 0.02, bundled_scores
+    assert bundled_scores["rigid_pipeline"] >= 0.95, bundled_scores
 
 
 @pytest.mark.xfail(

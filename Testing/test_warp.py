@@ -147,6 +147,26 @@ def test_warp_labels_keeps_labels_crisp_and_equals_nearest_for_integer_shifts():
     torch.testing.assert_close(warp_labels(torch.zeros_like(labels), smooth), torch.zeros_like(labels))
 
 
+def test_warp_labels_equals_the_argmax_of_every_label_warped_over_the_whole_grid():
+    # warp_labels samples each label only near its box; the result must equal the plain whole-grid definition,
+    # including labels at the grid's edge, a label present in one sample only, and large displacements.
+    shape = (20, 18, 16)
+    labels = torch.zeros(2, 1, *shape, dtype=torch.int64)
+    labels[0, :, 0:5, 3:9, 0:6] = 4
+    labels[:, :, 8:13, 5:12, 4:11] = 9
+    labels[1, :, 14:20, 10:18, 9:16] = 31
+    field = smooth_field(shape, 4.0, seed=11, dtype=torch.float32, batch=2)
+    values = [4, 9, 31]
+    best = warp((labels == 0).float(), field, padding_mode="border")
+    reference = torch.zeros_like(labels)
+    for value in values:
+        weight = warp((labels == value).float(), field)
+        reference = torch.where(weight > best, torch.full_like(reference, value), reference)
+        best = torch.maximum(best, weight)
+    assert float(field.abs().max()) > 4.0
+    torch.testing.assert_close(warp_labels(labels, field), reference, rtol=0, atol=0)
+
+
 def test_warp_labels_prefers_the_largest_weight_at_half_voxel_shifts():
     labels = torch.zeros(1, 1, 4, 4, 8, dtype=torch.int64)
     labels[..., 4:] = 5

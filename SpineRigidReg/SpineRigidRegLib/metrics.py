@@ -30,7 +30,7 @@ from .jacobian import determinant, jacobian_matrix, orthonormality_residual
 from .losses.rigidity import _check_label_values
 from .rigid import fit_rigid_to_field, rigid_displacement
 from .validation import check_label_tensor, check_spacing
-from .warp import _cached_identity, _sample_at, warp_labels
+from .warp import _cached_identity, _sample_at, label_boxes, warp_labels
 
 
 # ------------------------------------------------------------------------------------------------------ inputs
@@ -430,32 +430,35 @@ def vertebra_table(
         warped = _labels(warped_labels, "warped labels").to(u.device)
         _same_grid(warped, u, "warped labels", "displacement")
     jac = jacobian_matrix(u, step) if jacobian is None else jacobian
-    det = determinant(jac)
     size = max(int(labels.max()), int(warped.max()), int(fixed.max()) if fixed is not None else 0) + 1
-    flat = warped.flatten()
+    # Every per-vertebra sum runs over the voxels inside a warped vertebra only (a small part of the grid).
+    inside = (warped.flatten() > 0).nonzero().flatten()
+    owner = warped.flatten()[inside]
+    jac_in = jac.flatten(3)[..., inside][..., None, None]  # (1, 3, 3, N, 1, 1)
+    det_in = determinant(jac_in).flatten()
 
     def per_label(weights: torch.Tensor | None = None, where: torch.Tensor | None = None) -> torch.Tensor:
-        index = flat if where is None else flat[where.flatten()]
+        index = owner if where is None else owner[where]
         if weights is not None:
             weights = weights.flatten().double()
-            weights = weights if where is None else weights[where.flatten()]
+            weights = weights if where is None else weights[where]
         return torch.bincount(index, weights=weights, minlength=size)
 
     original = torch.bincount(labels.flatten(), minlength=size)
     region = per_label()
     sums = {
-        "pc": per_label((det - 1.0) ** 2),
-        "oc": per_label(orthonormality_residual(jac)),
-        "mean_displacement_mm": per_label(_norm_mm(u, step)),
+        "pc": per_label((det_in - 1.0) ** 2),
+        "oc": per_label(orthonormality_residual(jac_in)),
+        "mean_displacement_mm": per_label(_norm_mm(u.flatten(2)[..., inside][..., None, None], step)),
     }
-    folded = per_label(where=det <= 0)
-    overlap = per_label(where=warped == fixed) if fixed is not None else None
+    folded = per_label(where=det_in <= 0)
+    overlap = per_label(where=fixed.flatten()[inside] == owner) if fixed is not None else None
     fixed_count = torch.bincount(fixed.flatten(), minlength=size) if fixed is not None else None
     if truth is not None:
         true_flat = warp_labels(labels, truth, label_values=values).flatten()
         tre_sum = torch.bincount(true_flat, weights=_norm_mm(u - truth, step).flatten().double(), minlength=size)
         tre_count = torch.bincount(true_flat, minlength=size)
-    moving_boxes, warped_boxes = _label_boxes(labels, size), _label_boxes(warped, size)
+    moving_boxes, warped_boxes = label_boxes(labels), label_boxes(warped)
     target = _cached_identity(u.shape[2:], u.device, u.dtype) + u
 
     def ratio(total: torch.Tensor, count: torch.Tensor, v: int) -> float:
@@ -483,19 +486,6 @@ def vertebra_table(
             row["tre_mm"] = ratio(tre_sum, tre_count, v)
         rows.append(row)
     return rows
-
-
-def _label_boxes(labels: torch.Tensor, size: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Inclusive voxel bounding box ``(low, high)`` of every non-zero label of a ``(1, 1, D, H, W)`` map."""
-    index = labels[0, 0].nonzero()
-    if index.numel() == 0:
-        return {}
-    owner = labels[0, 0][tuple(index.unbind(1))][:, None].expand(-1, 3)
-    big = int(max(labels.shape[2:]))
-    low = torch.full((size, 3), big, dtype=index.dtype, device=index.device).scatter_reduce(0, owner, index, "amin")
-    high = torch.full((size, 3), -1, dtype=index.dtype, device=index.device).scatter_reduce(0, owner, index, "amax")
-    present = (high[:, 0] >= 0).nonzero().flatten().tolist()
-    return {v: (low[v], high[v]) for v in present if v > 0}
 
 
 def summarize(

@@ -3,7 +3,9 @@
 Default sizes are the paper's (encoder 32, 32, 64, 64; decoder 64, 64, 64, 64; two 32-filter convolutions; a
 3-channel velocity; 7 scaling-and-squaring steps). The velocity can be predicted at half resolution (the decoder
 stops one level early), integrated there and upsampled: about 8x less compute at full-resolution voxel count, the
-fast default.
+fast default. The input itself can also be halved (``input_resolution="half"``: both images are averaged over 2x2x2
+voxels before the UNet, the bone mask keeps the majority), which widens what the network sees for the same compute; the
+displacement is always returned on the input grid.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from .validation import check_same_spatial_shape, check_tensor
 from .warp import DEFAULT_INTEGRATION_STEPS, integrate_velocity, resize_displacement
 
 VELOCITY_RESOLUTIONS = ("full", "half")
+INPUT_RESOLUTIONS = ("full", "half")
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,9 @@ class NetworkConfig:
         decoder_channels: Filters per decoder level; same count as the encoder.
         final_channels: Filters of the convolutions between the decoder and the velocity layer.
         use_moving_labels: Feed the moving image's vertebra mask as a third input channel.
-        velocity_resolution: ``"full"`` or ``"half"``: grid on which the velocity is predicted and integrated.
+        velocity_resolution: ``"full"`` or ``"half"`` of the UNet's grid: where the velocity is predicted and
+            integrated.
+        input_resolution: ``"full"`` or ``"half"``: the UNet's grid relative to the input images.
         integration_steps: Scaling-and-squaring steps ``T``.
     """
 
@@ -41,6 +46,7 @@ class NetworkConfig:
     use_moving_labels: bool = True
     velocity_resolution: str = "half"
     integration_steps: int = DEFAULT_INTEGRATION_STEPS
+    input_resolution: str = "full"
 
     def __post_init__(self) -> None:
         if not self.encoder_channels or len(self.encoder_channels) != len(self.decoder_channels):
@@ -49,6 +55,8 @@ class NetworkConfig:
             raise InputError("every channel count must be positive")
         if self.velocity_resolution not in VELOCITY_RESOLUTIONS:
             raise InputError(f"velocity_resolution must be one of {VELOCITY_RESOLUTIONS}")
+        if self.input_resolution not in INPUT_RESOLUTIONS:
+            raise InputError(f"input_resolution must be one of {INPUT_RESOLUTIONS}")
         if self.integration_steps < 0:
             raise InputError("integration_steps must be >= 0")
 
@@ -59,7 +67,7 @@ class NetworkConfig:
     @property
     def required_multiple(self) -> int:
         """Each spatial size of the input must be divisible by this."""
-        return 2 ** len(self.encoder_channels)
+        return 2 ** (len(self.encoder_channels) + (self.input_resolution == "half"))
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -79,7 +87,7 @@ class RegistrationOutput(NamedTuple):
 
     Attributes:
         displacement: ``(B, 3, D, H, W)`` voxels of the input grid (fixed -> moving).
-        velocity: ``(B, 3, d, h, w)`` stationary velocity in voxels of its own grid (input grid or half of it).
+        velocity: ``(B, 3, d, h, w)`` stationary velocity in voxels of its own grid (the UNet grid or half of it).
     """
 
     displacement: torch.Tensor
@@ -151,13 +159,16 @@ class RegistrationNet(nn.Module):
                 f"image size {tuple(fixed.shape[2:])} must be a multiple of {multiple} on every axis "
                 "(use preprocess.pad_to_multiple)"
             )
-        parts = [fixed, moving]
+        half = self.config.input_resolution == "half"
+        parts = [F.avg_pool3d(fixed, 2), F.avg_pool3d(moving, 2)] if half else [fixed, moving]
         if self.config.use_moving_labels:
             if moving_labels is None:
                 raise InputError("this model needs the moving vertebra label map as input")
             check_tensor(moving_labels, "moving label map", ndim=5, channels=1)
             check_same_spatial_shape(fixed, moving_labels, "fixed image", "moving label map")
-            parts.append((moving_labels > 0).to(fixed.dtype))
+            mask = (moving_labels > 0).to(fixed.dtype)
+            # Halved, the mask stays binary (majority of the 8 voxels), as a label map resampled to 2 mm would be.
+            parts.append((F.avg_pool3d(mask, 2) >= 0.5).to(fixed.dtype) if half else mask)
         return torch.cat(parts, dim=1)
 
 

@@ -29,6 +29,7 @@ from .geometry import Geometry, displacement_field_image, image_to_tensor, tenso
 from .io import write_rows_csv
 from .jacobian import determinant, jacobian_matrix
 from .network import RegistrationNet
+from .polyrigid import VertebraRigidSettings, refine_vertebrae_rigidly
 from .prealign import Prealignment, prealign
 from .preprocess import normalize_intensity, resample_to_reference
 from .refine import RefineWeights, refine_velocity
@@ -50,7 +51,9 @@ class RegistrationSettings:
 
     Attributes:
         device: ``"auto"``, ``"cpu"`` or ``"cuda[:N]"``.
-        refine_steps: Test-time refinement steps after the network (0 = network only).
+        vertebra_rigid: One rigid motion per vertebra fitted after the network (:mod:`.polyrigid`;
+            ``steps=0`` turns it off).
+        refine_steps: Test-time refinement steps of the dense velocity after that (0 = off).
         refine_weights: Loss weights of the refinement.
         vertebra_weights: Label -> multiplier of the rigidity terms during refinement (0 excludes a vertebra).
         model_path: A checkpoint to use instead of the bundled model.
@@ -59,6 +62,7 @@ class RegistrationSettings:
     """
 
     device: str = "auto"
+    vertebra_rigid: VertebraRigidSettings = field(default_factory=VertebraRigidSettings)
     # Off by default: on the benchmark (docs/BENCHMARKS.md) 20 steps from the current bundled model gain < 0.01 DSC
     # and cost rigidity and 6x the time; the Slicer module's manual correction uses it with point pairs.
     refine_steps: int = 0
@@ -281,6 +285,21 @@ def register_prealigned(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     timings["network"] = time.perf_counter() - start
+    _check_cancel(should_cancel)
+    start = time.perf_counter()
+    if initial_velocity is None:  # a re-run from a previous result keeps that result's vertebra motions
+        velocity, _ = refine_vertebrae_rigidly(
+            velocity,
+            fixed,
+            moving,
+            moving_labels,
+            spacing,
+            settings.vertebra_rigid,
+            integration_steps=network.config.integration_steps,
+            vertebra_weights=settings.vertebra_weights,
+            should_cancel=should_cancel,
+        )
+    timings["vertebra_rigid"] = time.perf_counter() - start
     _check_cancel(should_cancel)
     start = time.perf_counter()
     velocity = refine_velocity(

@@ -13,6 +13,7 @@ helpers so the checks run once per call.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -151,8 +152,8 @@ def warp_labels(
     """Warp an integer label map and keep it crisp.
 
     Each label's indicator is interpolated trilinearly and every voxel takes the label with the largest weight
-    (background included), which keeps thin structures better than nearest-neighbour sampling and never invents
-    label values.
+    (background included; ties keep the earlier label), which keeps thin structures better than nearest-neighbour
+    sampling and never invents label values.
 
     Args:
         labels: ``(B, 1, D, H, W)`` integer labels, 0 = background.
@@ -172,13 +173,52 @@ def warp_labels(
     out = torch.zeros_like(labels, dtype=torch.int64)
     if not values:
         return out
-    best = _warp((labels == 0).to(displacement.dtype), displacement, "bilinear", "border")
-    for value in values:  # one label at a time keeps memory at two volumes, whatever the label count
-        weight = _warp((labels == value).to(displacement.dtype), displacement, "bilinear", "zeros")
-        better = weight > best
-        out = torch.where(better, torch.full_like(out, value), out)
-        best = torch.where(better, weight, best)
+    grid = _cached_identity(displacement.shape[2:], displacement.device, displacement.dtype)
+    points = grid + displacement
+    best = _sample_at((labels == 0).to(displacement.dtype), points, "bilinear", "border")
+    # A label's weight is zero wherever x + u(x) lies over a voxel from its box, so each label is sampled only on
+    # the output voxels within max|u| + 1 of its box: a vertebra costs its neighbourhood, not the whole volume.
+    reach = int(math.ceil(float(displacement.abs().amax()))) + 1
+    sizes = labels.shape[2:]
+    boxes = label_boxes(labels)
+    for value in values:
+        if value not in boxes:
+            continue
+        box = list(zip(boxes[value][0].tolist(), boxes[value][1].tolist()))
+        source = [slice(max(lo - 1, 0), min(hi + 2, n)) for (lo, hi), n in zip(box, sizes)]
+        region = [slice(max(lo - 1 - reach, 0), min(hi + 2 + reach, n)) for (lo, hi), n in zip(box, sizes)]
+        offset = torch.tensor([s.start for s in source], dtype=points.dtype, device=points.device)
+        weight = _sample_at(
+            (labels[(slice(None), slice(None), *source)] == value).to(displacement.dtype),
+            points[(slice(None), slice(None), *region)] - offset.view(1, 3, 1, 1, 1),
+            "bilinear",
+            "zeros",
+        )
+        region_index = (slice(None), slice(None), *region)
+        better = weight > best[region_index]
+        out[region_index] = torch.where(better, torch.full_like(weight, value, dtype=torch.int64), out[region_index])
+        best[region_index] = torch.where(better, weight, best[region_index])
     return out
+
+
+def label_boxes(labels: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Bounding box of every non-zero label of a ``(B, 1, D, H, W)`` integer map, over all samples.
+
+    Returns:
+        ``{label: (low, high)}``: inclusive voxel indices, int64 tensors of shape ``(3,)`` in array order, found in
+        one pass over the labelled voxels.
+    """
+    index = labels[:, 0].nonzero()[:, 1:]
+    if index.numel() == 0:
+        return {}
+    owner = labels[:, 0][labels[:, 0] != 0].long()
+    size = int(owner.max()) + 1
+    owner = owner[:, None].expand(-1, 3)
+    big = int(max(labels.shape[2:]))
+    low = torch.full((size, 3), big, dtype=index.dtype, device=index.device).scatter_reduce(0, owner, index, "amin")
+    high = torch.full((size, 3), -1, dtype=index.dtype, device=index.device).scatter_reduce(0, owner, index, "amax")
+    present = (high[:, 0] >= 0).nonzero().flatten().tolist()
+    return {v: (low[v], high[v]) for v in present if v > 0}
 
 
 def integrate_velocity(velocity: torch.Tensor, steps: int = DEFAULT_INTEGRATION_STEPS) -> torch.Tensor:

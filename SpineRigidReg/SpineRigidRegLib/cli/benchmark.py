@@ -112,7 +112,9 @@ def _run(args: argparse.Namespace) -> int:
         notes.append(f"real-CT cases skipped: {args.shared_data} does not hold the TotalSegmentator example")
     kinds = {"model": {KIND_MODEL}, "elastix": {KIND_ELASTIX}, "initial": {KIND_INITIAL}}.get(args.only)
     previous = None
+    kept: set[str] = set()
     if kinds is not None:
+        kept = {m.name for m in methods if m.kind not in kinds}
         previous = report.load_results(args.out)
         if not previous.case_rows:
             raise InputError(f"--only {args.only} needs a previous run's {report.CASE_CSV} in {args.out}")
@@ -132,7 +134,9 @@ def _run(args: argparse.Namespace) -> int:
         run = run_benchmark(cases, methods, device=args.device, panel_case=panel_case,
                             progress=lambda f, m: progress(0.05 + 0.95 * f, m))
     if previous is not None:
-        run = report.merge_results(previous, run, [m.name for m in methods])
+        # every previous row of the rerun kinds goes, also rows of that kind whose name has since changed
+        replaced = {str(r.get("method")) for r in previous.case_rows} - kept | {m.name for m in methods}
+        run = report.merge_results(previous, run, sorted(replaced))
         meta = report.read_json(args.out / report.RUN_JSON)
         meta.setdefault("reruns", []).append({"command": report.command_line(), "rows": [m.name for m in methods],
                                               "date_utc": report.machine_info()["date_utc"],

@@ -57,7 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     inputs.add_argument("--sample", action="store_true", help="use the bundled sample case (Resources/SampleData)")
     options = parser.add_argument_group("options")
     options.add_argument("--out", type=Path, required=True, help="output folder (created)")
-    options.add_argument("--refine-steps", type=int, default=None, help="test-time refinement steps (0 = network only)")
+    options.add_argument(
+        "--vertebra-steps",
+        type=int,
+        default=None,
+        help="steps of the vertebra-wise rigid alignment after the network (default 40; 0 = network only)",
+    )
+    options.add_argument(
+        "--refine-steps", type=int, default=None, help="dense test-time refinement steps after that (default 0)"
+    )
     options.add_argument("--device", default="auto", help="auto (GPU when available), cpu or cuda")
     options.add_argument("--model", type=Path, help="a checkpoint to use instead of the bundled model")
     options.add_argument(
@@ -111,6 +119,10 @@ def _run(args: argparse.Namespace) -> int:
     settings = RegistrationSettings(device=args.device, model_path=str(args.model) if args.model else None)
     if args.refine_steps is not None:
         settings = replace(settings, refine_steps=args.refine_steps)
+    if args.vertebra_steps is not None:
+        if args.vertebra_steps < 0:
+            raise InputError("--vertebra-steps must be >= 0")
+        settings = replace(settings, vertebra_rigid=replace(settings.vertebra_rigid, steps=args.vertebra_steps))
     if args.rigidity:
         try:
             settings = replace(settings, refine_weights=replace(RefineWeights(), **parse_weights(args.rigidity)))

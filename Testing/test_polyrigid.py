@@ -1,0 +1,98 @@
+"""Vertebra-wise rigid refinement: rigid by construction, weights, recovery of a known shift, settings."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from SpineRigidRegLib.errors import InputError
+from SpineRigidRegLib.jacobian import determinant, jacobian_matrix, orthonormality_residual
+from SpineRigidRegLib.polyrigid import (
+    ROTATION_RADIUS_MM,
+    VertebraFrames,
+    VertebraRigidSettings,
+    refine_vertebrae_rigidly,
+    rigid_velocity,
+    vertebra_frames,
+)
+from SpineRigidRegLib.warp import identity_grid, integrate_velocity, warp
+
+
+def two_vertebrae(shape=(32, 24, 24)):
+    labels = torch.zeros(1, 1, *shape, dtype=torch.int64)
+    labels[:, :, 4:13, 6:18, 6:18] = 20
+    labels[:, :, 19:28, 6:18, 6:18] = 21
+    return labels
+
+
+def test_a_single_rigid_velocity_integrates_to_that_rigid_motion():
+    shape, spacing = (24, 20, 16), (2.0, 1.0, 1.5)
+    step = torch.tensor(spacing).view(1, 3, 1, 1, 1)
+    points = identity_grid(shape) * step
+    frames = VertebraFrames([7], torch.ones(1, 1, *shape), torch.tensor([[20.0, 10.0, 12.0]]), points, spacing)
+    angle = math.radians(6.0)
+    parameters = torch.tensor([[1.0, -2.0, 0.5, 0.0, angle * ROTATION_RADIUS_MM, 0.0]], dtype=torch.float32)
+    displacement = integrate_velocity(rigid_velocity(parameters, frames).double(), 7)
+    jac = jacobian_matrix(displacement, spacing)[..., 4:-4, 4:-4, 4:-4]  # away from the border extension
+    assert float(orthonormality_residual(jac).max()) < 1e-4  # J^T J = I: a rotation
+    assert float((determinant(jac) - 1).abs().max()) < 1e-4
+    # the rotation angle of J is the one asked for (in the plane of array axes 0 and 2)
+    rotation = jac[0, :, :, 3, 3, 3]
+    assert math.degrees(math.acos((float(torch.trace(rotation)) - 1) / 2)) == pytest.approx(6.0, abs=0.05)
+
+
+def test_weights_are_one_inside_each_vertebra_and_vanish_far_from_the_spine():
+    labels = two_vertebrae()
+    frames = vertebra_frames(labels, (1.0, 1.0, 1.0), sigma_mm=2.0, margin_mm=1.0)
+    assert frames.labels == [20, 21] and frames.weights.shape == (1, 2, 32, 24, 24)
+    inside = labels[0, 0] == 20
+    assert float(frames.weights[0, 0][inside].min()) > 0.99
+    assert float(frames.weights[0, 1][inside].max()) < 0.01
+    assert float(frames.weights.sum(1).max()) <= 1.0 + 1e-6
+    assert float(frames.weights[0, :, :, 0, 0].max()) < 1e-3  # a corner, far from both
+    torch.testing.assert_close(frames.centres_mm[0], torch.tensor([8.0, 11.5, 11.5]))
+    with pytest.raises(InputError, match="at least one vertebra"):
+        vertebra_frames(torch.zeros_like(labels), (1.0, 1.0, 1.0))
+
+
+@pytest.mark.parametrize("similarity", ["nmi", "mind"])
+def test_a_known_shift_of_the_vertebrae_is_recovered_and_each_stays_rigid(similarity):
+    shape = (32, 24, 24)
+    labels = two_vertebrae(shape)
+    generator = torch.Generator().manual_seed(0)
+    texture = F.interpolate(torch.rand(1, 1, 8, 6, 6, generator=generator), size=shape, mode="trilinear")
+    moving = (0.3 * texture + 0.6 * (labels > 0)).clamp(0, 1)
+    truth = torch.tensor([1.5, -1.0, 0.8]).view(1, 3, 1, 1, 1).expand(1, 3, *shape).contiguous()
+    fixed = warp(moving, truth, padding_mode="border")
+    settings = VertebraRigidSettings(steps=40, similarity=similarity)
+    velocity, motions = refine_vertebrae_rigidly(
+        torch.zeros(1, 3, *shape), fixed, moving, labels, (1.0, 1.0, 1.0), settings
+    )
+    displacement = integrate_velocity(velocity, 7)
+    for value in (20, 21):
+        region = (labels[0, 0] == value)
+        error = (displacement[0][:, region] - truth[0][:, region]).norm(dim=0)
+        assert float(error.mean()) < 0.2, (value, float(error.mean()))  # voxels, of a 2-voxel shift
+        assert motions[value][3] < 2.0  # degrees: no spurious rotation
+    jac = jacobian_matrix(displacement)
+    assert float(orthonormality_residual(jac)[0, 0][labels[0, 0] > 0].mean()) < 0.02
+
+
+def test_zero_steps_or_excluded_vertebrae_leave_the_velocity_alone_and_bad_settings_are_named():
+    labels = two_vertebrae()
+    velocity = torch.randn(1, 3, 32, 24, 24)
+    image = torch.rand(1, 1, 32, 24, 24)
+    out, motions = refine_vertebrae_rigidly(velocity, image, image, labels, (1, 1, 1), VertebraRigidSettings(steps=0))
+    assert torch.equal(out, velocity) and motions == {}
+    out, motions = refine_vertebrae_rigidly(
+        velocity, image, image, labels, (1, 1, 1), VertebraRigidSettings(steps=2), vertebra_weights={20: 0, 21: 0}
+    )
+    assert torch.equal(out, velocity) and motions == {}
+    with pytest.raises(InputError, match="similarity"):
+        VertebraRigidSettings(similarity="ssd")
+    with pytest.raises(InputError, match="sigma_mm"):
+        VertebraRigidSettings(sigma_mm=0)
+    with pytest.raises(InputError, match="learning_rate"):
+        VertebraRigidSettings(learning_rate=-1)
