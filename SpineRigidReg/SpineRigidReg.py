@@ -50,8 +50,9 @@ SAMPLE_NAME = "SpineRigidRegSample"
 
 HELP_TEXT = """
 <p>Registers a spine <b>CT</b> (moving) onto an <b>MR</b> (fixed) of the same patient with a deep network that keeps
-<b>every vertebra rigid</b> and its volume intact while soft tissue deforms (Jian et al., MICCAI 2022, with test-time
-refinement).</p>
+<b>every vertebra rigid</b> and its volume intact while soft tissue deforms (Jian et al., MICCAI 2022), followed by a
+vertebra-wise rigid alignment to the MR (one rigid motion per vertebra, blended smoothly through the discs and soft
+tissue) and optional dense refinement.</p>
 <p><b>Workflow</b></p>
 <ol>
 <li><b>Inputs</b>: the CT volume, its vertebra segmentation (one segment per vertebra, e.g. from TotalSegmentator;
@@ -59,8 +60,8 @@ a label map volume works too) and the MR volume. Optional: an MR vertebra segmen
 two point lists with the vertebra centres on the CT and on the MR, labelled alike (L1, T12...), for the initial
 rigid alignment; without them the alignment is automatic.</li>
 <li><b>Options</b>: the rigidity preset (default = the bundled model's weights, strict, soft, or custom weights
-for the rigid-field, properness, orthonormality and rigid-Dice terms), the number of refinement steps and the
-device (auto uses a GPU when there is one; the device used is shown).</li>
+for the rigid-field, properness, orthonormality and rigid-Dice terms of the dense refinement), the vertebra
+alignment steps (0 = network only), the dense refinement steps and the device (auto uses a GPU when there is one; the device used is shown).</li>
 <li><b>Apply</b> runs in the background with a progress bar; the button turns into <b>Cancel</b>, and a cancelled
 run leaves the scene as it was. The first Apply checks that PyTorch is installed (Slicer's PyTorch extension)
 and offers to install it.</li>
@@ -162,6 +163,7 @@ class SpineRigidRegParameterNode:
     pc: Annotated[float, WithinRange(0.0, 10.0)] = 0.1
     oc: Annotated[float, WithinRange(0.0, 10.0)] = 0.05
     rigidDice: Annotated[float, WithinRange(0.0, 10.0)] = 0.0
+    vertebraSteps: Annotated[int, WithinRange(0, 500)] = 30
     refineSteps: Annotated[int, WithinRange(0, 500)] = 0
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     foregroundOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
@@ -623,6 +625,7 @@ class SpineRigidRegLogic(ScriptedLoadableModuleLogic):
             parameters.device,
             weights=weights,
             vertebraWeights=self.mrml.labelWeights(inputs, weightsByName),
+            vertebraSteps=parameters.vertebraSteps,
         )
 
     def compute(self, *args, **kwargs):

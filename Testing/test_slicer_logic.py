@@ -148,7 +148,7 @@ def scene_case(case):
     return build_scene(case)
 
 
-FAST = replace(makeSettings(refineSteps=2, device="cpu"), margin_mm=8.0)
+FAST = replace(makeSettings(refineSteps=2, device="cpu", vertebraSteps=3), margin_mm=8.0)
 
 
 def registered(scene_case, network):
@@ -500,6 +500,10 @@ def test_settings_presets_scale_the_rigidity_weights():
         makeSettings("extreme")
     with pytest.raises(InputError):
         makeSettings("custom", weights={"stiffness": 1.0})
+    # the vertebra-wise rigid alignment is on by default; the panel's spin box sets or disables it
+    assert makeSettings().vertebra_rigid.steps > 0 and makeSettings(vertebraSteps=0).vertebra_rigid.steps == 0
+    with pytest.raises(InputError, match="vertebra alignment steps"):
+        makeSettings(vertebraSteps=-1)
 
 
 def test_segments_are_coloured_by_rigidity_and_views_are_set_up_for_fusion(shared_run):

@@ -100,6 +100,7 @@ def makeSettings(
     weights: Mapping[str, float] | None = None,
     vertebraWeights: Mapping[int, float] | None = None,
     modelPath: str | None = None,
+    vertebraSteps: int | None = None,
 ) -> RegistrationSettings:
     """Core settings from the panel's choices.
 
@@ -110,6 +111,8 @@ def makeSettings(
         weights: For ``"custom"`` (or to override a preset): ``rigid_field``, ``pc``, ``oc``, ``rigid_dice``.
         vertebraWeights: Label -> multiplier of the rigidity terms (0 excludes the vertebra).
         modelPath: A checkpoint instead of the bundled model.
+        vertebraSteps: Steps of the vertebra-wise rigid alignment after the network (``None``: the core's default;
+            0 = off).
     """
     base = RefineWeights()
     if preset != "custom":
@@ -123,13 +126,18 @@ def makeSettings(
             raise InputError(f"unknown rigidity weight(s): {', '.join(unknown)}")
         base = replace(base, **{k: float(v) for k, v in weights.items()})
     cleaned = {int(k): float(v) for k, v in (vertebraWeights or {}).items() if float(v) != 1.0}
-    return RegistrationSettings(
+    settings = RegistrationSettings(
         device=device,
         refine_steps=int(refineSteps),
         refine_weights=base,
         vertebra_weights=cleaned or None,
         model_path=modelPath or None,
     )
+    if vertebraSteps is not None:
+        if int(vertebraSteps) < 0:
+            raise InputError("vertebra alignment steps must be >= 0")
+        settings = replace(settings, vertebra_rigid=replace(settings.vertebra_rigid, steps=int(vertebraSteps)))
+    return settings
 
 
 class SpineRigidRegLogic:
