@@ -57,6 +57,17 @@ def test_weights_are_one_inside_each_vertebra_and_vanish_far_from_the_spine():
         vertebra_frames(torch.zeros_like(labels), (1.0, 1.0, 1.0))
 
 
+def test_vertebrae_3mm_apart_each_keep_their_whole_weight_and_switch_over_in_the_gap():
+    labels = torch.zeros(1, 1, 30, 16, 16, dtype=torch.int64)
+    labels[:, :, 4:13, 4:12, 4:12] = 20
+    labels[:, :, 16:25, 4:12, 4:12] = 21  # a 3-voxel gap, like a facet joint
+    frames = vertebra_frames(labels, (1.0, 1.0, 1.0), sigma_mm=3.0, margin_mm=8.0)
+    for k, value in enumerate((20, 21)):
+        assert float(frames.weights[0, k][labels[0, 0] == value].min()) > 0.99
+    middle = frames.weights[0, :, 14, 8, 8]  # the gap's middle slice: half each, still whole
+    torch.testing.assert_close(middle, torch.tensor([0.5, 0.5]), atol=1e-3, rtol=0)
+
+
 @pytest.mark.parametrize("similarity", ["nmi", "mind"])
 def test_a_known_shift_of_the_vertebrae_is_recovered_and_each_stays_rigid(similarity):
     shape = (32, 24, 24)
