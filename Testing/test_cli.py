@@ -111,6 +111,14 @@ def test_vertebra_weight_accepts_names_and_rejects_unknown(case, tmp_path, capsy
     assert "not a vertebra" in capsys.readouterr().err
 
 
+def test_vertebra_steps_set_the_rigid_stage_and_reject_negatives(case, tmp_path, capsys):
+    assert run_register(case, tmp_path / "a", "--vertebra-steps", "0") == 0
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text(encoding="utf-8"))
+    assert summary["timings_s"]["vertebra_rigid"] < 0.05  # off: nothing ran
+    assert run_register(case, tmp_path / "b", "--vertebra-steps", "-1") == 2
+    assert "--vertebra-steps" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
 @pytest.mark.parametrize("problem", ["missing", "truncated", "not_an_image", "tampered_model"])
 def test_bad_files_give_one_line_and_no_output(case, tmp_path, capsys, problem):
     ct, model = case["ct"], case["model"]

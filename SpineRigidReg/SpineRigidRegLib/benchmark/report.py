@@ -412,7 +412,9 @@ def _results_section(run: BenchmarkRun, meta: Mapping, rel: str) -> list[str]:
         "gradient descent with automatic step sizes instead of hand-set gains, a constant penalty weight of 0.1 "
         "(Par0004 raises it to 4.0 at the last level, which froze the vertebrae here) and no dilation of the "
         "rigidity image (it would merge neighbouring vertebrae). *ours*: `pipeline.register` with the bundled or "
-        "listed checkpoint, without / with test-time refinement.",
+        "listed checkpoint: the network alone (also every listed checkpoint, as in the paper's Table 1), the "
+        "default pipeline (network + vertebra-wise rigid alignment, `SpineRigidRegLib.polyrigid`), and the default "
+        "followed by dense test-time refinement (`SpineRigidRegLib.refine`).",
         "",
     ]
     notes = list(dict.fromkeys(meta.get("notes", []) + run.notes))
@@ -460,7 +462,8 @@ def _speed_section(speed: Mapping, rel: str) -> list[str]:
     lines = [
         "## Speed and memory of the pipeline (issue 4)",
         "",
-        f"Whole `srr-register` pipeline without refinement on a {' x '.join(str(s) for s in speed['input_shape'])} "
+        "Whole `srr-register` pipeline with its default settings (network + vertebra-wise rigid alignment, no "
+        f"dense refinement) on a {' x '.join(str(s) for s in speed['input_shape'])} "
         f"(D, H, W) 1 mm phantom crop (processing grid {' x '.join(str(s) for s in speed['processing_grid'])}), "
         f"device {speed['device']} ({speed.get('threads')} torch threads), {speed.get('weights')}; second of two "
         "runs (the first warms up).",

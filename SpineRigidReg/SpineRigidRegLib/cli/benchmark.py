@@ -141,8 +141,13 @@ def _run(args: argparse.Namespace) -> int:
         meta.setdefault("reruns", []).append({"command": report.command_line(), "rows": [m.name for m in methods],
                                               "date_utc": report.machine_info()["date_utc"],
                                               "wall_time_s": time.perf_counter() - started})
-        meta["notes"] = [n for n in meta.get("notes", []) if "bundled model rows skipped" not in n or
-                         not any(m.kind == KIND_MODEL for m in methods)] + notes
+        def still_true(note: str) -> bool:  # notes about rows this rerun replaces are stale
+            if "were run later" in note or "model rows skipped" in note:
+                return not any(m.kind == KIND_MODEL for m in methods)
+            return True
+
+        run.notes = [n for n in run.notes if still_true(n)]
+        meta["notes"] = [n for n in meta.get("notes", []) if still_true(n)] + notes
         meta["notes"].append(
             f"rows {', '.join(m.name for m in methods)} were run later ({report.machine_info()['date_utc']}, "
             f"`{report.command_line()}`) on the same cases; their speed ratio compares with the other rows' times "
