@@ -64,7 +64,7 @@ class RegistrationSettings:
     device: str = "auto"
     vertebra_rigid: VertebraRigidSettings = field(default_factory=VertebraRigidSettings)
     # Off by default: on the benchmark (docs/BENCHMARKS.md) 20 dense steps after the vertebra-wise rigid stage gain
-    # 0.002 DSC and cost rigidity (rigid DSC 0.997 -> 0.979, |%dvol| 0.44 -> 2.09) and 70 % more time; the Slicer
+    # 0.002 DSC and cost rigidity (rigid DSC 0.996 -> 0.979, |%dvol| 0.49 -> 2.11) and 2.4x the time; the Slicer
     # module's manual correction uses it with point pairs.
     refine_steps: int = 0
     refine_weights: RefineWeights = field(default_factory=RefineWeights)
@@ -471,6 +471,7 @@ def register(
         "prealign_residual_mm": pre.residual_mm,
         "device": str(device),
         "model": asdict(net.config) | {"path": settings.model_path or "bundled"},
+        "vertebra_rigid_steps": settings.vertebra_rigid.steps if initial_velocity is None else 0,
         "refine_steps": settings.refine_steps,
         "started_from": "network" if initial_velocity is None else "previous result",
         "grid_shape": list(grid.shape),
