@@ -219,10 +219,10 @@ def test_label_dice_loss_is_zero_when_aligned_one_when_disjoint_and_pulls_toward
     shifted = torch.roll(labels, 2, dims=2)  # fixed vertebra 2 voxels further along D: u_D = -2 aligns it
     loss = label_dice_loss(labels, shifted, zero)
     loss.backward()
-    assert 0.0 < float(loss) < 1.0 and float(zero.grad[0, 0].sum()) > 0  # descent direction: u_D decreases
+    assert 0.0 < float(loss.detach()) < 1.0 and float(zero.grad[0, 0].sum()) > 0  # descent direction: u_D decreases
     aligned = torch.zeros((1, 3, 16, 16, 16))
     aligned[:, 0] = -2.0
-    assert float(label_dice_loss(labels, shifted, aligned)) == pytest.approx(0.0, abs=1e-6)
+    assert float(label_dice_loss(labels, shifted, aligned).detach()) == pytest.approx(0.0, abs=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------- rigidity
