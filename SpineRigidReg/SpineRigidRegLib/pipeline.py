@@ -288,6 +288,9 @@ def register_prealigned(
     timings["network"] = time.perf_counter() - start
     _check_cancel(should_cancel)
     start = time.perf_counter()
+    rigid_share = 0.0
+    if initial_velocity is None and settings.vertebra_rigid.steps > 0:
+        rigid_share = 1.0 if settings.refine_steps == 0 else 0.5
     if initial_velocity is None:  # a re-run from a previous result keeps that result's vertebra motions
         velocity, _ = refine_vertebrae_rigidly(
             velocity,
@@ -298,6 +301,7 @@ def register_prealigned(
             settings.vertebra_rigid,
             integration_steps=network.config.integration_steps,
             vertebra_weights=settings.vertebra_weights,
+            progress=None if progress is None else lambda f, m: progress(rigid_share * f, m),
             should_cancel=should_cancel,
         )
     timings["vertebra_rigid"] = time.perf_counter() - start
@@ -314,7 +318,7 @@ def register_prealigned(
         integration_steps=network.config.integration_steps,
         point_pairs=point_pairs,
         vertebra_weights=settings.vertebra_weights,
-        progress=progress,
+        progress=None if progress is None else lambda f, m: progress(rigid_share + (1.0 - rigid_share) * f, m),
         should_cancel=should_cancel,
     )
     timings["refinement"] = time.perf_counter() - start

@@ -275,7 +275,7 @@ def refine_vertebrae_rigidly(
         loss.backward()
         optimizer.step()
         if progress is not None:
-            progress((step + 1) / settings.steps, f"vertebra rigid refinement step {step + 1}/{settings.steps}")
+            progress((step + 1) / settings.steps, f"vertebra-wise rigid alignment step {step + 1}/{settings.steps}")
     with torch.no_grad():
         bounded = limit * torch.tanh(parameters / limit)
         refined = base + rigid_velocity(bounded, frames)
