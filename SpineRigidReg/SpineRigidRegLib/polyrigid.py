@@ -1,19 +1,17 @@
-"""Vertebra-wise rigid refinement: one rigid motion per vertebra, blended into a diffeomorphic field.
+"""Vertebra-wise rigid alignment: one rigid motion per vertebra, blended into a diffeomorphic field.
 
 Each vertebra ``k`` gets a translation ``t_k`` (mm) and a rotation vector ``w_k`` (rad) about its centre ``c_k``. Their
 velocities ``t_k + w_k x (x - c_k)`` are blended with weights ``W_k(x)`` (:func:`vertebra_frames`): every point
 follows its nearest vertebra, the switch-over between neighbours lies in the disc or joint space between them,
 and far from the spine the weight fades out, so soft tissue is carried along near the bone and left in place far
-from it. The blended stationary
-velocity is integrated by scaling and squaring, like the network's, so the map stays diffeomorphic; inside a
-vertebra it is the exponential of a rigid velocity, i.e. the rigid motion itself, up to what the neighbours' weights
-(see :func:`vertebra_frames`) leak in.
+from it. The blended stationary velocity is integrated by scaling and squaring, like the network's, so the map
+stays diffeomorphic; inside a vertebra it is the exponential of a rigid velocity, i.e. the rigid motion itself.
+Halfway through, each vertebra's weights move to where it then lies in the fixed image.
 
-Only ``6 K`` numbers are optimised (a similarity on the velocity's grid, as :mod:`.refine` does), so a few dozen
-Adam steps align every vertebra without any rigidity penalty: rigidity holds by construction. Its velocity is added
-to the network's. The default similarity is NMI, the classic choice for rigid CT/MR alignment: on the benchmark's
-pairs it beat MIND-SSC here (DSC 0.945 vs 0.901, TRE 0.80 vs 1.30 mm on four pairs during development), whose
-strength is dense deformable matching.
+Only ``6 K`` numbers are optimised, so a few dozen Adam steps align every vertebra without any rigidity penalty:
+rigidity holds by construction. Its velocity is added to the network's. The default similarity is NMI at sampled
+voxels, the classic choice for rigid CT/MR alignment: on four benchmark pairs it beat MIND-SSC here during
+development (DSC 0.945 vs 0.901, TRE 0.80 vs 1.30 mm), whose strength is dense deformable matching.
 """
 
 from __future__ import annotations
@@ -48,8 +46,8 @@ class VertebraRigidSettings:
         learning_rate: Step size in mm (translations) and mm at :data:`ROTATION_RADIUS_MM` (rotations).
         margin_mm: The weights stay whole up to this distance from the spine: a point of a vertebra travels from
             its place in the fixed image to its place in the moving image during the integration, and all of that
-            path must lie where the vertebra's rigid velocity acts (5 mm left vertebrae 1 % less rigid on the
-            benchmark, and up to 8 % on the sample case whose vertebrae move 5-6 mm).
+            path must lie where the vertebra's rigid velocity acts (with 5 mm the sample case's vertebrae, which
+            move 5-6 mm, lost up to 8 % of their rigid DSC; with 8 mm at most 1.5 %).
         sigma_mm: Fall-off of each vertebra's weight beyond the margin.
         partition_mm: Width of the switch-over between neighbouring vertebrae (see :func:`vertebra_frames`).
         similarity: ``"mind"``, ``"nmi"`` or ``"ngf"``.
