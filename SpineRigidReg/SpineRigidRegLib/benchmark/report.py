@@ -390,13 +390,14 @@ def _results_section(run: BenchmarkRun, meta: Mapping, rel: str) -> list[str]:
     table = summary_table(run)
     lines = ["## Table 1 (all cases)", ""]
     lines += [
-        "Mean (SD). DSC, rigid DSC, %Δvol (absolute), PC metric and TRE are over all vertebrae of all cases; "
-        "|J|≤0 voxels (whole field), SD log|J| (whole field), time and peak memory are over cases. TRE is the mean "
-        "distance (mm) between the estimated and the true mapping over each vertebra. Time is the registration's "
-        "wall-clock time (for our rows: pre-alignment + resampling + network (+ vertebra-wise rigid alignment, "
-        "+ dense refinement) + integration, without metrics and output writing; for elastix: registration + "
-        "transformix deformation field). Peak memory is the peak increase of the process's resident memory during "
-        "the method (CPU) or the peak CUDA allocation (GPU). Speed vs Staring = Staring's mean time / the row's mean time, measured in this run.",
+        "Mean (SD). DSC, rigid DSC, %Δvol (absolute), PC metric and TRE are over all vertebrae of all cases; |J|≤0 "
+        "voxels (whole field), SD log|J| (whole field), time and peak memory are over cases. TRE is the mean distance"
+        " (mm) between the estimated and the true mapping over each vertebra. Time is the registration's wall-clock "
+        "time (for our rows: pre-alignment + resampling + network (+ vertebra-wise rigid alignment, + dense "
+        "refinement) + integration, without metrics and output writing; for elastix: registration + transformix "
+        "deformation field). Peak memory is the peak increase of the process's resident memory during the method "
+        "(CPU) or the peak CUDA allocation (GPU). Speed vs Staring = Staring's mean time / the row's mean time, "
+        "measured in this run.",
         "",
         markdown_table(table),
         "",
