@@ -55,7 +55,8 @@ class RegistrationSettings:
             ``steps=0`` turns it off).
         refine_steps: Test-time refinement steps of the dense velocity after that (0 = off).
         refine_weights: Loss weights of the refinement.
-        vertebra_weights: Label -> multiplier of the rigidity terms during refinement (0 excludes a vertebra).
+        vertebra_weights: Label -> multiplier of the rigidity terms during refinement; 0 excludes a vertebra (also
+            from the vertebra-wise rigid alignment).
         model_path: A checkpoint to use instead of the bundled model.
         margin_mm: Margin around the CT vertebrae included in the processing grid.
         spacing_mm: Processing grid spacing (the paper resamples to 1 mm).
