@@ -78,6 +78,19 @@ def test_fresh_network_starts_near_the_identity_and_trains(resolution):
     assert net.encoder[0][0].weight.grad is not None
 
 
+def test_features_keep_their_scale_down_to_the_bottleneck_and_back():
+    # The paper-size network at initialisation: a default-initialised UNet lost ~10x of its signal by the bottleneck,
+    # and with it the gradients of every deep layer.
+    torch.manual_seed(0)
+    net = RegistrationNet()
+    scale = {}
+    for name in ("encoder.0", "encoder.3", "decoder.0", "final"):
+        net.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: scale.__setitem__(name, float(o.std())))
+    with torch.no_grad():
+        net(*inputs((32, 32, 32)))
+    assert all(0.3 < scale[name] / scale["encoder.0"] < 4.0 for name in scale), scale
+
+
 def test_state_dict_holds_only_weights_no_grids():
     for resolution in ("full", "half"):
         net = RegistrationNet(NetworkConfig(velocity_resolution=resolution, **SMALL))

@@ -19,7 +19,7 @@ from SpineRigidRegLib.losses.rigidity import RIGIDITY_LOSSES
 from SpineRigidRegLib.network import NetworkConfig, RegistrationNet
 from SpineRigidRegLib.training import LossConfig, TrainConfig, registration_loss, train
 from SpineRigidRegLib.training.config import DataConfig
-from SpineRigidRegLib.training.pairs import PairPool, TrainingPair, augment, center_crop, make_pair
+from SpineRigidRegLib.training.pairs import PairPool, TrainingPair, augment, center_crop, make_pair, prealigned
 from SpineRigidRegLib.training.trainer import evaluate, pair_figures
 from SpineRigidRegLib.warp import warp_labels
 
@@ -124,7 +124,8 @@ def test_pair_pool_is_a_function_of_seed_and_step():
 
 
 def test_augmented_pairs_keep_their_true_field_consistent_with_the_labels():
-    config = tiny_config(data={"augment_gamma": 0.0})  # no crop (synth size = crop size): exact agreement expected
+    # No crop (synth size = crop size) and no pre-alignment shift at the edges: exact agreement expected.
+    config = tiny_config(data={"augment_gamma": 0.0, "prealign": False})
     pair = make_pair("phantom", 7, config.data, config.synthesis)
     assert pair.true_displacement is not None and float(pair.true_displacement.abs().max()) > 0.5
     for step in range(4):  # different flips and axis orders
@@ -136,6 +137,34 @@ def test_augmented_pairs_keep_their_true_field_consistent_with_the_labels():
         # A wrong sign or component order of the field would wreck the agreement.
         wrong = warp_labels(out.moving_labels, -out.true_displacement)
         assert float((wrong == out.fixed_labels)[inside].float().mean()) < agreement
+
+
+def test_prealigned_pairs_keep_the_motion_and_lose_its_mean_translation():
+    config = tiny_config(data={"prealign": False})
+    pair = make_pair("phantom", 7, config.data, config.synthesis)
+    # A known whole-voxel offset on top of the synthesised motion: the CT moved by (3, -2, 0) voxels.
+    shift = torch.tensor([3.0, -2.0, 0.0]).view(1, 3, 1, 1, 1)
+    rolled = TrainingPair(
+        pair.fixed,
+        pair.moving.roll((3, -2), dims=(2, 3)),
+        pair.moving_labels.roll((3, -2), dims=(2, 3)),
+        pair.fixed_labels,
+        pair.source,
+        pair.true_displacement + shift,
+    )
+    out = prealigned(rolled)
+    bone = out.fixed_labels[:, 0] > 0
+    before = [float(pair.true_displacement[:, a][bone].mean()) for a in range(3)]
+    after = [float(out.true_displacement[:, a][bone].mean()) for a in range(3)]
+    assert all(abs(a) <= 0.5 for a in after), after
+    assert all(abs(a - (b - round(b))) < 1e-4 for a, b in zip(after, before)), (before, after)
+    # Still a consistent pair: the shifted labels pulled back by the new field give the fixed labels (away from the
+    # edges, where the shift repeats edge voxels in place of the CT beyond the grid).
+    again = warp_labels(out.moving_labels, out.true_displacement)
+    inside = ((out.fixed_labels > 0) | (again > 0))[..., 4:-4, 4:-4, 4:-4]
+    again, fixed = again[..., 4:-4, 4:-4, 4:-4], out.fixed_labels[..., 4:-4, 4:-4, 4:-4]
+    assert float((again == fixed)[inside].float().mean()) > 0.999
+    assert torch.equal(out.fixed, pair.fixed)
 
 
 # ------------------------------------------------------------------------------------------------ loop
@@ -243,6 +272,19 @@ def _toy_pair() -> TrainingPair:
         moving_labels=moving_labels,
         fixed_labels=fixed_labels,
     )
+
+
+def test_field_term_counts_the_error_over_the_fixed_vertebrae_only():
+    pair = _toy_pair()
+    network = RegistrationNet(NetworkConfig(**{k: tuple(v) for k, v in TINY_NETWORK.items()}))
+    with torch.no_grad():
+        predicted = network(pair.fixed, pair.moving, pair.moving_labels).displacement
+    bone = pair.fixed_labels > 0
+    # The true field: the prediction + 2 voxels along H on the vertebrae, anything at all in the soft tissue.
+    truth = predicted + torch.where(bone, 2.0, 40.0) * torch.tensor([0.0, 1.0, 0.0]).view(1, 3, 1, 1, 1)
+    with_truth = TrainingPair(pair.fixed, pair.moving, pair.moving_labels, pair.fixed_labels, "", truth)
+    _, terms = registration_loss(network, with_truth, LossConfig(field=1.0), (1.0, 1.0, 1.0))
+    assert terms["field"] == pytest.approx(5.0**0.5 - 1.0, rel=1e-4)  # Charbonnier of a 2-voxel error
 
 
 def _fit(loss: LossConfig, pair: TrainingPair, steps: int = 15) -> torch.Tensor:
@@ -473,13 +515,14 @@ def test_bundled_model_card_describes_the_weights(bundled):
 
 @pytest.fixture(scope="module")
 def bundled_scores(bundled) -> dict[str, float]:
-    """Mean per-vertebra DSC / rigid DSC of the bundled model on two 48^3 phantom pairs: initial alignment, network
-    alone, and the pipeline's default (network + vertebra-wise rigid alignment)."""
+    """Mean per-vertebra DSC / rigid DSC of the bundled model on two 64^3 phantom pairs (1 mm, pre-aligned as the
+    pipeline pre-aligns): initial alignment, network alone, and the pipeline's default (network + vertebra-wise
+    rigid alignment)."""
     from SpineRigidRegLib.pipeline import RegistrationSettings, register_prealigned
 
     _, network = bundled
     torch.set_num_threads(1)
-    data = DataConfig(crop_size=(48, 48, 48), synth_size=(64, 64, 64), phantom_vertebrae=(3, 4))
+    data = DataConfig(crop_size=(64, 64, 64), synth_size=(64, 64, 64), phantom_vertebrae=(3, 4))
     synthesis = TrainConfig().synthesis
     scores: dict[str, list[float]] = {
         "initial": [], "network": [], "pipeline": [], "rigid_network": [], "rigid_pipeline": []

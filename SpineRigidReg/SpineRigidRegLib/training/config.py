@@ -69,6 +69,9 @@ class DataConfig:
         validation_size: Size of the validation pairs ``(D, H, W)`` (multiples of 16, <= ``synth_size``); ``None``
             uses ``crop_size``. Larger than the crops shows how patch training transfers to whole grids.
         validation_seed: Seed of the validation pairs (distinct from every training pair's).
+        prealign: Translate each pair's CT by the whole-voxel mean of the true motion over the fixed vertebrae, as
+            the pipeline's pre-alignment from vertebra centres does, so the network learns the residual it will be
+            given (the synthesised bending of a long spine otherwise leaves offsets of 8 mm and more).
     """
 
     real: float = 0.0
@@ -88,6 +91,7 @@ class DataConfig:
     validation_pairs: int = 4
     validation_size: tuple[int, int, int] | None = None
     validation_seed: int = 900_000
+    prealign: bool = True
 
     def __post_init__(self) -> None:
         for name in PAIR_SOURCES:
@@ -141,9 +145,10 @@ class LossConfig:
         label_dice: Weight of an optional auxiliary term outside eq. (1): ``1 -`` the mean soft Dice of the warped
             moving vertebrae with the fixed labels. Only synthesised pairs have fixed labels; it speeds up short
             (CPU) trainings and is 0 in every paper config.
-        field: Weight of an optional supervised term outside eq. (1): mean squared error (voxels^2) between the
-            predicted and the synthesised displacement (skipped for batches without a known field); 0 in every
-            paper config.
+        field: Weight of an optional supervised term outside eq. (1): the mean Charbonnier error
+            ``sqrt(|e|^2 + 1) - 1`` (voxels; ``|e|^2 / 2`` for small errors, ``|e|`` for large ones) between the
+            predicted and the synthesised displacement over the fixed vertebrae (skipped for batches without a
+            known field); 0 in every paper config.
     """
 
     similarity: str = "mind"

@@ -224,7 +224,8 @@ def make_pair(
         fixed, moving, moving_labels, fixed_labels, field = synthesize_label_contrast_pair(
             cut.labels, generator, synthesis, spacing
         )
-        return TrainingPair(fixed, moving, moving_labels, fixed_labels, source, field)
+        made = TrainingPair(fixed, moving, moving_labels, fixed_labels, source, field)
+        return prealigned(made) if data.prealign else made
     geometry = Geometry(
         shape=tuple(data.synth_size), spacing=spacing, origin=(0.0, 0.0, 0.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)
     )
@@ -235,13 +236,44 @@ def make_pair(
         seed=_randint(generator, 0, 2**31 - 1),
         tissues=None if cut.tissues is None else tensor_to_image(cut.tissues.to(torch.uint8), geometry),
     )
-    return TrainingPair(
+    made = TrainingPair(
         fixed=image_to_tensor(pair.fixed),
         moving=normalize_intensity(cut.ct.float()),
         moving_labels=cut.labels.long(),
         fixed_labels=image_to_tensor(pair.fixed_labels, torch.int64),
         source=source,
         true_displacement=pair.true_displacement.float(),
+    )
+    return prealigned(made) if data.prealign else made
+
+
+def prealigned(pair: TrainingPair) -> TrainingPair:
+    """``pair`` with its CT shifted by whole voxels so that the true motion has (nearly) zero mean over the fixed
+    vertebrae: what the pipeline's pre-alignment from vertebra centres leaves for the network.
+
+    With ``t`` the rounded mean of ``true_displacement`` (voxels) over ``fixed_labels > 0``, the new moving image is
+    ``moving(y + t)`` (edge voxels repeated) and the new field ``u - t``, so the fixed image is still the moving one
+    pulled back by the field. Whole voxels keep the labels exact (no second nearest-neighbour resampling).
+    Pairs without a known field or without fixed vertebrae are returned unchanged.
+    """
+    field = pair.true_displacement
+    bone = pair.fixed_labels[:, 0] > 0
+    if field is None or not bool(bone.any()):
+        return pair
+    shift = [int(round(float(field[:, axis][bone].mean()))) for axis in range(3)]
+    if not any(shift):
+        return pair
+
+    def shifted(volume: torch.Tensor) -> torch.Tensor:
+        for axis, t in enumerate(shift):
+            size = volume.shape[axis + 2]
+            index = (torch.arange(size) + t).clamp(0, size - 1)
+            volume = volume.index_select(axis + 2, index)
+        return volume
+
+    offset = torch.tensor(shift, dtype=field.dtype).view(1, 3, 1, 1, 1)
+    return TrainingPair(
+        pair.fixed, shifted(pair.moving), shifted(pair.moving_labels), pair.fixed_labels, pair.source, field - offset
     )
 
 
