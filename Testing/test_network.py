@@ -84,8 +84,12 @@ def test_features_keep_their_scale_down_to_the_bottleneck_and_back():
     torch.manual_seed(0)
     net = RegistrationNet()
     scale = {}
+
+    def record(name):
+        return lambda module, inputs_, output: scale.__setitem__(name, float(output.std()))
+
     for name in ("encoder.0", "encoder.3", "decoder.0", "final"):
-        net.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: scale.__setitem__(name, float(o.std())))
+        net.get_submodule(name).register_forward_hook(record(name))
     with torch.no_grad():
         net(*inputs((32, 32, 32)))
     assert all(0.3 < scale[name] / scale["encoder.0"] < 4.0 for name in scale), scale
