@@ -10,6 +10,9 @@ Sources (weights in :class:`.config.DataConfig`):
   phantom label map: both images get an independent random contrast, so the network cannot rely on one MR sequence
   (or on the CT's intensities).
 
+With ``data.prealign`` each pair's CT is then shifted by whole voxels as the pipeline's pre-alignment would place
+it (:func:`prealigned`).
+
 Synthesis costs several network steps on a CPU, so :class:`PairPool` keeps ``pool_size`` pairs on a grid of
 ``synth_size`` and replaces the oldest every ``refresh_every`` steps. Every pair and every draw is a function of
 (seed, rank, index) alone, so a resumed run sees exactly the pairs the interrupted one would have seen.

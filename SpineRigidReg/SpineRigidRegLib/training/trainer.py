@@ -129,8 +129,8 @@ def registration_loss(
         label_term = label_dice_loss(batch.moving_labels, batch.fixed_labels, displacement)
         total = total + loss.label_dice * label_term
     field_term = None
-    bone = batch.fixed_labels[:, 0] > 0
-    if loss.field > 0 and batch.true_displacement is not None and bool(bone.any()):
+    bone = batch.fixed_labels[:, 0] > 0 if loss.field > 0 and batch.true_displacement is not None else None
+    if bone is not None and bool(bone.any()):
         # Over the vertebrae only (far soft tissue of a long bent spine moves by 20-30 mm in the synthesised pairs),
         # and robust: quadratic below a voxel, linear beyond, so the rare pair that moved 10+ voxels does not
         # drown the others' gradients.
