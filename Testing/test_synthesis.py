@@ -4,6 +4,7 @@ label-only contrast pairs."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from SpineRigidRegLib.data.synthesis import (
     acquire,
     mr_contrast,
     rigid_log,
+    sample_vertebra_transforms,
     synthesize_label_contrast_pair,
     synthesize_pair,
     vertebra_motion,
@@ -83,12 +85,13 @@ def test_true_field_reproduces_fixed_labels(case) -> None:
 
 def test_true_field_as_itk_transform_moves_the_labels(case) -> None:
     """The LPS displacement image, used by SimpleITK as a transform, reproduces the fixed labels (another
-    interpolator, so a slightly lower bound); a wrong axis order or sign would give a DSC far below."""
+    interpolator, so a lower bound: the two nearest-neighbour rules differ on 3-7 % of these small vertebrae); a wrong
+    axis order or sign gives a DSC near 0.2."""
     _, pair = case
     transform = sitk.DisplacementFieldTransform(sitk.Cast(pair.displacement_image(), sitk.sitkVectorFloat64))
     warped = sitk.Resample(pair.moving_labels, pair.fixed_labels, transform, sitk.sitkNearestNeighbor, 0)
     dice = metrics.dice_per_label(image_to_tensor(warped, torch.int64), image_to_tensor(pair.fixed_labels, torch.int64))
-    assert min(dice.values()) >= 0.95, dice
+    assert min(dice.values()) >= 0.9, dice
 
 
 def test_vertebra_transforms_are_the_field_inside_each_vertebra(case) -> None:
@@ -148,6 +151,22 @@ def test_motion_is_chained_and_bounded() -> None:
         cos = float((torch.diagonal(relative[:3, :3]).sum() - 1) / 2)
         assert math.acos(max(min(cos, 1.0), -1.0)) <= limit + 1e-6
     assert max(angles) > math.radians(0.3), "neighbouring vertebrae should move differently"
+
+
+def test_vertebra_translations_alone_do_not_roll_the_column() -> None:
+    """Removing the column's common motion must not invent a rotation: with joint angles and global rotation at
+    zero and 3 mm of independent vertebra jitter, no vertebra rolls about the spine (array axis 0) by a degree, and
+    none turns by more than the few degrees the best rigid fit of jittered vertebrae may tilt the column. A fit to
+    the centroids of a nearly straight 3-vertebra column drew rolls of 12-110 degrees from the jitter alone."""
+    phantom = make_phantom(num_vertebrae=3, shape=(56, 40, 40), spacing=2.0, curvature_deg=0.0, seed=7)
+    labels = image_to_tensor(phantom.labels, torch.int64)
+    settings = replace(SynthesisSettings().without_motion(), max_vertebra_translation_mm=3.0)
+    for seed in range(10):
+        maps = sample_vertebra_transforms(labels, (2.0, 2.0, 2.0), settings, torch.Generator().manual_seed(seed))
+        for m in maps.values():
+            w = rigid_log(m)[:3, :3]  # skew matrix of axis * angle (radians)
+            assert math.degrees(abs(float(w[2, 1]))) < 1.0, m
+            assert math.degrees(float(w.abs().max())) < 5.0, m
 
 
 def test_without_motion_gives_identity() -> None:

@@ -16,6 +16,7 @@ development (DSC 0.945 vs 0.901, TRE 0.80 vs 1.30 mm), whose strength is dense d
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -43,7 +44,8 @@ class VertebraRigidSettings:
 
     Attributes:
         steps: Adam steps (0 = off).
-        learning_rate: Step size in mm (translations) and mm at :data:`ROTATION_RADIUS_MM` (rotations).
+        learning_rate: Initial step size in mm (translations) and mm at :data:`ROTATION_RADIUS_MM` (rotations);
+            it decays to a tenth over the steps (cosine).
         margin_mm: The weights stay whole up to this distance from the spine: a point of a vertebra travels from
             its place in the fixed image to its place in the moving image during the integration, and all of that
             path must lie where the vertebra's rigid velocity acts (with 5 mm the sample case's vertebrae, which
@@ -53,9 +55,9 @@ class VertebraRigidSettings:
         similarity: ``"mind"``, ``"nmi"`` or ``"ngf"``.
         max_translation_mm, max_rotation_deg: Limits on each vertebra's motion (a soft clamp keeps the optimiser
             from running away on a vertebra with little image contrast).
-        samples: NMI only: compare the images at this many voxels drawn once (seeded) from where the vertebrae's
-            weights reach, as elastix samples its metrics (0 = every voxel of the grid). MIND needs whole
-            neighbourhoods and always uses the grid.
+        samples: NMI only: compare the images at this many voxels of their own grid, drawn once (seeded) from
+            where the vertebrae's weights reach, as elastix samples its metrics (0 = every voxel of the velocity's
+            grid). MIND needs whole neighbourhoods and always uses the velocity's grid.
     """
 
     steps: int = 30
@@ -231,9 +233,15 @@ def refine_vertebrae_rigidly(
     similarity = SIMILARITY_LOSSES[settings.similarity]
     points = None
     if settings.similarity == "nmi" and settings.samples > 0:
-        points = _sample_points(frames.weights.sum(1).flatten() > 0.01, settings.samples)
-        fixed_samples = fixed_g.flatten()[points].view(1, 1, -1, 1, 1)
-        where = identity_grid(grid, velocity.device).flatten(2)[:, :, points]
+        # Compared on the images' own grid (not the velocity's, half as fine for the bundled model): sub-voxel
+        # accuracy needs the fine samples; the paths are integrated in the velocity grid's voxel units.
+        to_velocity_grid = torch.tensor(
+            [(g - 1) / max(f - 1, 1) for g, f in zip(grid, full)], device=velocity.device
+        ).view(1, 3, 1, 1, 1)
+        region = to_grid(frames.weights.sum(1, keepdim=True), full) > 0.01
+        points = _sample_points(region.flatten(), settings.samples)
+        fixed_samples = fixed.flatten()[points].view(1, 1, -1, 1, 1)
+        where = identity_grid(full, velocity.device).flatten(2)[:, :, points].view(1, 3, -1, 1, 1) * to_velocity_grid
     elif settings.similarity == "mind":
         similarity = partial(similarity, fixed_descriptor=mind_ssc(fixed_g))
 
@@ -243,12 +251,12 @@ def refine_vertebrae_rigidly(
             return similarity(fixed_g, warp(moving_g, displacement, padding_mode="border"))
         # Only the sampled voxels are compared, so only their paths are integrated (midpoint steps along the
         # velocity) instead of the whole grid's scaling and squaring, which would cost most of each step.
-        moved = where.view(1, 3, -1, 1, 1)
+        moved = where
         step = 1.0 / _PATH_STEPS
         for _ in range(_PATH_STEPS):
             half = moved + 0.5 * step * sample_at(total_velocity, moved, padding_mode="border")
             moved = moved + step * sample_at(total_velocity, half, padding_mode="border")
-        return similarity(fixed_samples, sample_at(moving_g, moved, padding_mode="border"))
+        return similarity(fixed_samples, sample_at(moving, moved / to_velocity_grid, padding_mode="border"))
 
     base = velocity.detach()
     parameters = torch.zeros(len(frames.labels), 6, device=velocity.device, requires_grad=True)
@@ -267,6 +275,8 @@ def refine_vertebrae_rigidly(
                 frames, values = _recentred(parameters, limit, frames, base, labels_g, integration_steps)
             parameters = values.requires_grad_(True)
             optimizer = torch.optim.Adam([parameters], lr=settings.learning_rate)
+        for group in optimizer.param_groups:  # cosine decay to a tenth: Adam's last steps settle below a voxel
+            group["lr"] = settings.learning_rate * (0.1 + 0.45 * (1.0 + math.cos(math.pi * step / settings.steps)))
         optimizer.zero_grad(set_to_none=True)
         bounded = limit * torch.tanh(parameters / limit)
         loss = loss_of(base + rigid_velocity(bounded, frames))

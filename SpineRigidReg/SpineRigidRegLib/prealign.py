@@ -30,6 +30,8 @@ AUTOMATIC = "automatic: label centroid + Mattes MI rigid"
 MAX_AUTOMATIC_ROTATION_DEG = 30.0
 # The translation stage places the spine to within a few mm; the rigid stage may only refine that.
 MAX_AUTOMATIC_REFINE_SHIFT_MM = 20.0
+# Radius (mm) of the orientation prior of each centre point (see rigid_from_points).
+ROTATION_PRIOR_RADIUS_MM = 5.0
 
 logger = logging.getLogger(__name__)
 
@@ -99,15 +101,28 @@ def match_landmarks(
     return names, np.stack([f[n] for n in names]), np.stack([m[n] for n in names])
 
 
-def rigid_from_points(fixed_points: np.ndarray, moving_points: np.ndarray) -> np.ndarray:
-    """Least-squares rigid 4x4 matrix mapping ``(N, 3)`` fixed points onto moving points.
+def rigid_from_points(
+    fixed_points: np.ndarray, moving_points: np.ndarray, prior_radius_mm: float = ROTATION_PRIOR_RADIUS_MM
+) -> np.ndarray:
+    """Least-squares rigid 4x4 matrix mapping ``(N, 3)`` fixed points onto moving points, rotation kept near the
+    identity where the points do not determine it.
 
-    One or two pairs determine a translation only (a rotation needs three non-collinear points).
+    Each pair also contributes six points ``prior_radius_mm`` from it along the LPS axes, paired unrotated: a prior
+    that the vertebra it marks kept its orientation. Vertebra centres lie nearly on a line, so the roll about the
+    spine rests on their millimetre-scale scatter; the plain fit (``prior_radius_mm=0``) turned it by tens of
+    degrees on the benchmark and left 2.45 mm mean vertebra error where this fit leaves 0.91 mm. The prior weighs
+    ``2 N r^2`` against the points' spread (``N (30 mm)^2`` and more along a spine), so a tilt that the points
+    show is kept (a few per cent shrinkage at 5 mm) and the translation is unbiased.
+
+    One or two pairs determine a translation only.
     """
     matrix = np.eye(4)
     if len(fixed_points) < 3:
         matrix[:3, 3] = (moving_points - fixed_points).mean(axis=0)
         return matrix
+    offsets = np.concatenate([np.eye(3), -np.eye(3)]) * float(prior_radius_mm)
+    fixed_points = np.concatenate([fixed_points, (fixed_points[:, None] + offsets).reshape(-1, 3)])
+    moving_points = np.concatenate([moving_points, (moving_points[:, None] + offsets).reshape(-1, 3)])
     rotation, translation = fit_rigid(
         torch.as_tensor(fixed_points, dtype=torch.float64)[None],
         torch.as_tensor(moving_points, dtype=torch.float64)[None],

@@ -75,6 +75,8 @@ _CLAIM_FALLOFF_MM = 0.75
 _MIN_MARGIN_VOXELS = 2
 # Sharpness of the split between two touching vertebrae (power of their depths).
 _DEPTH_POWER = 4
+# Half-size of a vertebra as the common rigid fit sees it (a lumbar body is about 40 mm across).
+_BODY_RADIUS_MM = 20.0
 
 
 @dataclass(frozen=True)
@@ -358,15 +360,8 @@ def sample_vertebra_transforms(
             previous = previous @ _rotation_about(angles[index] @ frame, pivot)
         chain[index] = previous @ _translation(jitter[index])
 
-    # Remove the column's best rigid fit (what a pre-alignment on vertebra centres would leave), then add the
-    # global residual motion.
-    moved = torch.stack([chain[i][:3, :3] @ centroids[i] + chain[i][:3, 3] for i in range(n)])
-    if n >= 3:
-        r_fit, t_fit = fit_rigid(moved[None], centroids[None])
-        fit = torch.eye(4, dtype=f64, device=device)
-        fit[:3, :3], fit[:3, 3] = r_fit[0], t_fit[0]
-    else:
-        fit = _translation((centroids - moved).mean(0))
+    # Remove the column's common rigid motion (what a pre-alignment leaves), then add the global residual motion.
+    fit = torch.linalg.inv(_common_rigid([chain[i] for i in range(n)], centroids))
     centre = centroids.mean(0)
     global_map = _translation(global_shift) @ _rotation_about(global_angles @ frame, centre)
     return {values[i]: global_map @ fit @ chain[i] for i in range(n)}
@@ -460,16 +455,20 @@ def polyrigid_displacement(
 
 
 def _common_rigid(maps: list[torch.Tensor], centroids: torch.Tensor) -> torch.Tensor:
-    """The rigid map that best moves the centroids as the vertebra maps do (least squares); identity if none."""
+    """The rigid map that best moves the vertebrae as their maps do (least squares); identity if none.
+
+    Each vertebra counts as its centroid and six points :data:`_BODY_RADIUS_MM` from it along the array axes, so the
+    fit is well conditioned for any column. A fit to the centroids alone leaves the roll about a nearly straight
+    column to the centroids' millimetre-scale scatter: it drew spurious rolls of 20-110 degrees for a third of the
+    2-4 vertebra crops of training.
+    """
     eye = torch.eye(4, dtype=torch.float64, device=centroids.device)
     if not maps:
         return eye
-    targets = torch.stack([m[:3, :3] @ c + m[:3, 3] for m, c in zip(maps, centroids, strict=True)])
-    if len(maps) < 3:
-        out = eye.clone()
-        out[:3, 3] = (targets - centroids).mean(0)
-        return out
-    r, t = fit_rigid(centroids[None], targets[None])
+    offsets = torch.cat([torch.zeros(1, 3), torch.eye(3), -torch.eye(3)]).to(centroids) * _BODY_RADIUS_MM
+    points = centroids[:, None, :] + offsets  # (K, 7, 3)
+    moved = torch.stack([p @ m[:3, :3].T + m[:3, 3] for m, p in zip(maps, points, strict=True)])
+    r, t = fit_rigid(points.reshape(1, -1, 3), moved.reshape(1, -1, 3))
     out = eye.clone()
     out[:3, :3], out[:3, 3] = r[0], t[0]
     return out
