@@ -129,3 +129,16 @@ def test_a_sub_voxel_shift_is_recovered_with_a_velocity_on_a_grid_half_as_fine()
         region = labels[0, 0] == value
         error = (displacement[0][:, region] - truth[0][:, region]).norm(dim=0)
         assert float(error.mean()) < 0.1, (value, float(error.mean()))  # voxels of the 1 mm grid
+
+
+def test_nmi_samples_stay_within_the_band_around_the_refined_vertebrae_in_mm():
+    """The similarity's samples reach ``sample_band_mm`` from the chosen vertebrae along each axis, in mm (anisotropic
+    voxels), and not around a vertebra left out."""
+    from SpineRigidRegLib.polyrigid import _bone_band
+
+    labels = two_vertebrae()
+    band = _bone_band(labels, [20], (1.0, 2.0, 0.5), 3.0)[0, 0]
+    assert bool(band[labels[0, 0] == 20].all()) and not bool(band[labels[0, 0] == 21].any())
+    assert bool(band[1, 10, 10]) and not bool(band[0, 10, 10])  # 3 voxels of 1 mm
+    assert bool(band[8, 4, 10]) and not bool(band[8, 3, 10])  # 1.5 voxels of 2 mm round to 2
+    assert bool(band[8, 10, 0]) and bool(band[8, 10, 23])  # 6 voxels of 0.5 mm reach the grid's edges

@@ -23,6 +23,7 @@ from functools import partial
 
 import SimpleITK as sitk
 import torch
+import torch.nn.functional as F
 
 from .errors import CancelledError, InputError
 from .losses.similarity import SIMILARITY_LOSSES, mind_ssc
@@ -56,8 +57,12 @@ class VertebraRigidSettings:
         max_translation_mm, max_rotation_deg: Limits on each vertebra's motion (a soft clamp keeps the optimiser
             from running away on a vertebra with little image contrast).
         samples: NMI only: compare the images at this many voxels of their own grid, drawn once (seeded) from
-            where the vertebrae's weights reach, as elastix samples its metrics (0 = every voxel of the velocity's
-            grid). MIND needs whole neighbourhoods and always uses the velocity's grid.
+            within ``sample_band_mm`` of the vertebrae, as elastix samples its metrics (0 = every voxel of the
+            velocity's grid where the weights reach). MIND needs whole neighbourhoods and always uses that grid.
+        sample_band_mm: NMI only: how far from the CT vertebrae the samples reach. The bone edges carry the
+            alignment; the soft tissue and unlabelled bone farther out, which the weights still carry along, move
+            otherwise and pulled the fit (benchmark TRE 0.64 mm with the whole weighted region, 0.52 mm with a
+            3 mm band; 2 mm: 0.57, 5 mm: 0.53).
     """
 
     steps: int = 30
@@ -69,6 +74,7 @@ class VertebraRigidSettings:
     max_translation_mm: float = 15.0
     max_rotation_deg: float = 15.0
     samples: int = 50_000
+    sample_band_mm: float = 3.0
 
     def __post_init__(self) -> None:
         if self.similarity not in SIMILARITY_LOSSES:
@@ -238,7 +244,7 @@ def refine_vertebrae_rigidly(
         to_velocity_grid = torch.tensor(
             [(g - 1) / max(f - 1, 1) for g, f in zip(grid, full)], device=velocity.device
         ).view(1, 3, 1, 1, 1)
-        region = to_grid(frames.weights.sum(1, keepdim=True), full) > 0.01
+        region = _bone_band(moving_labels, frames.labels, spacing, settings.sample_band_mm)
         points = _sample_points(region.flatten(), settings.samples)
         fixed_samples = fixed.flatten()[points].view(1, 1, -1, 1, 1)
         where = identity_grid(full, velocity.device).flatten(2)[:, :, points].view(1, 3, -1, 1, 1) * to_velocity_grid
@@ -318,6 +324,15 @@ def _recentred(
     shifted[:, :3] = bounded[:, :3] + torch.linalg.cross(rotation, new.centres_mm - frames.centres_mm, dim=1)
     ratio = (shifted / limit).clamp(-0.999, 0.999)
     return new, limit * torch.atanh(ratio)
+
+
+def _bone_band(
+    labels: torch.Tensor, values: Sequence[int], spacing: Sequence[float], band_mm: float
+) -> torch.Tensor:
+    """``(1, 1, D, H, W)`` bool: voxels within ``band_mm`` (along each array axis) of a vertebra in ``values``."""
+    bone = torch.isin(labels, torch.tensor(list(values), device=labels.device)).float()
+    radius = [max(int(round(band_mm / s)), 0) for s in spacing]
+    return F.max_pool3d(bone, [2 * r + 1 for r in radius], stride=1, padding=radius) > 0
 
 
 def _sample_points(region: torch.Tensor, count: int) -> torch.Tensor:
