@@ -68,15 +68,20 @@ def test_vertebrae_3mm_apart_each_keep_their_whole_weight_and_switch_over_in_the
     torch.testing.assert_close(middle, torch.tensor([0.5, 0.5]), atol=1e-3, rtol=0)
 
 
+def shifted_pair(shift, texture_shape, seed, shape=(32, 24, 24)):
+    """Two vertebrae over a smooth random texture (moving) and the same shifted by ``shift`` voxels (fixed)."""
+    labels = two_vertebrae(shape)
+    generator = torch.Generator().manual_seed(seed)
+    texture = F.interpolate(torch.rand(1, 1, *texture_shape, generator=generator), size=shape, mode="trilinear")
+    moving = (0.3 * texture + 0.6 * (labels > 0)).clamp(0, 1)
+    truth = torch.tensor(shift).view(1, 3, 1, 1, 1).expand(1, 3, *shape).contiguous()
+    return labels, moving, warp(moving, truth, padding_mode="border"), truth
+
+
 @pytest.mark.parametrize("similarity", ["nmi", "mind"])
 def test_a_known_shift_of_the_vertebrae_is_recovered_and_each_stays_rigid(similarity):
     shape = (32, 24, 24)
-    labels = two_vertebrae(shape)
-    generator = torch.Generator().manual_seed(0)
-    texture = F.interpolate(torch.rand(1, 1, 8, 6, 6, generator=generator), size=shape, mode="trilinear")
-    moving = (0.3 * texture + 0.6 * (labels > 0)).clamp(0, 1)
-    truth = torch.tensor([1.5, -1.0, 0.8]).view(1, 3, 1, 1, 1).expand(1, 3, *shape).contiguous()
-    fixed = warp(moving, truth, padding_mode="border")
+    labels, moving, fixed, truth = shifted_pair([1.5, -1.0, 0.8], (8, 6, 6), seed=0, shape=shape)
     settings = VertebraRigidSettings(steps=40, similarity=similarity)
     velocity, motions = refine_vertebrae_rigidly(
         torch.zeros(1, 3, *shape), fixed, moving, labels, (1.0, 1.0, 1.0), settings
@@ -114,12 +119,7 @@ def test_a_sub_voxel_shift_is_recovered_with_a_velocity_on_a_grid_half_as_fine()
     the images' own grid: a 0.9-voxel shift is then found to 0.02 voxels, to 0.24 voxels with the similarity on the
     velocity's grid."""
     shape = (32, 24, 24)
-    labels = two_vertebrae(shape)
-    generator = torch.Generator().manual_seed(1)
-    texture = F.interpolate(torch.rand(1, 1, 16, 12, 12, generator=generator), size=shape, mode="trilinear")
-    moving = (0.3 * texture + 0.6 * (labels > 0)).clamp(0, 1)
-    truth = torch.tensor([0.6, -0.4, 0.5]).view(1, 3, 1, 1, 1).expand(1, 3, *shape).contiguous()
-    fixed = warp(moving, truth, padding_mode="border")
+    labels, moving, fixed, truth = shifted_pair([0.6, -0.4, 0.5], (16, 12, 12), seed=1, shape=shape)
     coarse = tuple(s // 2 for s in shape)
     velocity, _ = refine_vertebrae_rigidly(
         torch.zeros(1, 3, *coarse), fixed, moving, labels, (1.0, 1.0, 1.0), VertebraRigidSettings(steps=40)

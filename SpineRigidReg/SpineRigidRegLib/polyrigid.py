@@ -235,7 +235,6 @@ def refine_vertebrae_rigidly(
     frames = vertebra_frames(
         labels_g, grid_spacing, settings.sigma_mm, values, settings.margin_mm, settings.partition_mm
     )
-    fixed_g, moving_g = to_grid(fixed, grid), to_grid(moving, grid)
     similarity = SIMILARITY_LOSSES[settings.similarity]
     points = None
     if settings.similarity == "nmi" and settings.samples > 0:
@@ -248,8 +247,10 @@ def refine_vertebrae_rigidly(
         points = _sample_points(region.flatten(), settings.samples)
         fixed_samples = fixed.flatten()[points].view(1, 1, -1, 1, 1)
         where = identity_grid(full, velocity.device).flatten(2)[:, :, points].view(1, 3, -1, 1, 1) * to_velocity_grid
-    elif settings.similarity == "mind":
-        similarity = partial(similarity, fixed_descriptor=mind_ssc(fixed_g))
+    else:
+        fixed_g, moving_g = to_grid(fixed, grid), to_grid(moving, grid)
+        if settings.similarity == "mind":
+            similarity = partial(similarity, fixed_descriptor=mind_ssc(fixed_g))
 
     def loss_of(total_velocity: torch.Tensor) -> torch.Tensor:
         if points is None:
