@@ -88,7 +88,7 @@ def test_a_known_shift_of_the_vertebrae_is_recovered_and_each_stays_rigid(simila
     )
     displacement = integrate_velocity(velocity, 7)
     for value in (20, 21):
-        region = (labels[0, 0] == value)
+        region = labels[0, 0] == value
         error = (displacement[0][:, region] - truth[0][:, region]).norm(dim=0)
         assert float(error.mean()) < 0.2, (value, float(error.mean()))  # voxels, of a 2-voxel shift
         assert motions[value][3] < 2.0  # degrees: no spurious rotation
@@ -142,3 +142,49 @@ def test_nmi_samples_stay_within_the_band_around_the_refined_vertebrae_in_mm():
     assert bool(band[1, 10, 10]) and not bool(band[0, 10, 10])  # 3 voxels of 1 mm
     assert bool(band[8, 4, 10]) and not bool(band[8, 3, 10])  # 1.5 voxels of 2 mm round to 2
     assert bool(band[8, 10, 0]) and bool(band[8, 10, 23])  # 6 voxels of 0.5 mm reach the grid's edges
+
+
+@pytest.mark.parametrize("similarity", ["nmi", "mind"])
+def test_a_vertebra_cut_by_the_fields_of_view_follows_the_anatomy_not_their_edges(similarity):
+    """The processing grid reaches past both images, which read 0 there: without the masks the edges of the two
+    fields of view (here at the same place) form a strong artificial match that holds the cut vertebra at a 2-voxel
+    error; with them it is found like the whole one."""
+    shape = (32, 24, 24)
+    labels, moving, fixed, truth = shifted_pair([-2.0, 0.5, 0.5], (16, 12, 12), seed=0, shape=shape)
+    inside = torch.ones_like(fixed, dtype=torch.bool)
+    inside[:, :, 25:] = False  # vertebra 21 spans slices 19-27
+    fixed, moving = fixed * inside, moving * inside
+    errors = {}
+    for masked in (False, True):
+        masks = {"fixed_mask": inside, "moving_mask": inside} if masked else {}
+        velocity, _ = refine_vertebrae_rigidly(
+            torch.zeros(1, 3, *shape),
+            fixed,
+            moving,
+            labels,
+            (1.0, 1.0, 1.0),
+            VertebraRigidSettings(steps=40, similarity=similarity),
+            **masks,
+        )
+        displacement = integrate_velocity(velocity, 7)
+        errors[masked] = [
+            float((displacement[0][:, labels[0, 0] == v] - truth[0][:, labels[0, 0] == v]).norm(dim=0).mean())
+            for v in (20, 21)
+        ]
+    assert max(errors[True]) < 0.2, errors  # voxels
+    assert errors[False][1] > 1.0, errors
+
+
+def test_the_overlap_mask_is_where_the_fixed_image_and_the_warped_moving_image_both_have_data():
+    from SpineRigidRegLib.refine import overlap_mask
+
+    fixed_mask = torch.zeros(1, 1, 8, 6, 6, dtype=torch.bool)
+    fixed_mask[:, :, :6] = True
+    moving_mask = torch.zeros_like(fixed_mask)
+    moving_mask[:, :, 3:] = True
+    shift = torch.zeros(1, 3, 8, 6, 6)
+    shift[:, 0] = 2.0  # fixed voxel z reads moving voxel z + 2: moving data from z >= 1
+    mask = overlap_mask(fixed_mask, moving_mask, shift)[0, 0, :, 3, 3]
+    assert mask.tolist() == [0, 1, 1, 1, 1, 1, 0, 0]
+    assert overlap_mask(None, None, shift) is None
+    assert torch.equal(overlap_mask(fixed_mask, None, shift), fixed_mask.float())

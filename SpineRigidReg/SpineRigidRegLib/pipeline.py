@@ -259,6 +259,8 @@ def register_prealigned(
     settings: RegistrationSettings = RegistrationSettings(),
     initial_velocity: torch.Tensor | None = None,
     point_pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
+    fixed_mask: torch.Tensor | None = None,
+    moving_mask: torch.Tensor | None = None,
     progress: ProgressCallback | None = None,
     should_cancel: CancelCallback | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
@@ -271,12 +273,15 @@ def register_prealigned(
         network: The registration network (its device is used).
         initial_velocity: Start refinement from this velocity instead of running the network.
         point_pairs: Full-grid voxel coordinates ``(fixed (N, 3), target (N, 3))`` for the refinement.
+        fixed_mask, moving_mask: ``(1, 1, D, H, W)``: where the MR and the (pre-aligned) CT have data; the
+            optimisations compare the images only where both do (``None``: everywhere).
 
     Returns:
         ``(displacement (1, 3, D, H, W) voxels, velocity (1, 3, d, h, w), timings in s)``.
     """
     device = next(network.parameters()).device
     fixed, moving, moving_labels = fixed.to(device), moving.to(device), moving_labels.to(device)
+    fixed_mask, moving_mask = (None if m is None else m.to(device) for m in (fixed_mask, moving_mask))
     timings: dict[str, float] = {}
     start = time.perf_counter()
     if initial_velocity is None:
@@ -302,6 +307,8 @@ def register_prealigned(
             settings.vertebra_rigid,
             integration_steps=network.config.integration_steps,
             vertebra_weights=settings.vertebra_weights,
+            fixed_mask=fixed_mask,
+            moving_mask=moving_mask,
             progress=None if progress is None else lambda f, m: progress(rigid_share * f, m),
             should_cancel=should_cancel,
         )
@@ -319,6 +326,8 @@ def register_prealigned(
         integration_steps=network.config.integration_steps,
         point_pairs=point_pairs,
         vertebra_weights=settings.vertebra_weights,
+        fixed_mask=fixed_mask,
+        moving_mask=moving_mask,
         progress=None if progress is None else lambda f, m: progress(rigid_share + (1.0 - rigid_share) * f, m),
         should_cancel=should_cancel,
     )
@@ -418,6 +427,7 @@ def register(
     ct_min = float(sitk.GetArrayViewFromImage(moving).min())
     moving_hu = image_to_tensor(resample_to_reference(moving, grid, pre_t, default_value=ct_min))
     moving_t = normalize_intensity(moving_hu)
+    moving_inside = image_to_tensor(resample_to_reference(_ones_like(moving), grid, pre_t, is_label=True))
     labels_t = image_to_tensor(resample_to_reference(moving_labels, grid, pre_t, is_label=True), torch.int64)
     pairs_vox = _point_pairs_to_voxels(point_pairs, pre, grid) if point_pairs else None
     timings["preprocess"] = time.perf_counter() - t
@@ -435,6 +445,8 @@ def register(
         settings,
         initial_velocity=initial_velocity,
         point_pairs=pairs_vox,
+        fixed_mask=inside > 0,
+        moving_mask=moving_inside > 0,
         progress=_report(progress, 0.35, 0.8),
         should_cancel=should_cancel,
     )

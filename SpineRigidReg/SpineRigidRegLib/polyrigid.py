@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .errors import CancelledError, InputError
 from .losses.similarity import SIMILARITY_LOSSES, mind_ssc
-from .refine import to_grid
+from .refine import overlap_mask, to_grid
 from .warp import identity_grid, integrate_velocity, sample_at, warp, warp_labels
 
 #: Midpoint steps integrating the sampled voxels' paths during the optimisation (the result is then integrated by
@@ -202,10 +202,15 @@ def refine_vertebrae_rigidly(
     settings: VertebraRigidSettings = VertebraRigidSettings(),
     integration_steps: int = 7,
     vertebra_weights: Mapping[int, float] | None = None,
+    fixed_mask: torch.Tensor | None = None,
+    moving_mask: torch.Tensor | None = None,
     progress: Callable[[float, str], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> tuple[torch.Tensor, dict[int, list[float]]]:
     """Add one optimised rigid motion per vertebra to ``velocity``.
+
+    With the masks the images are compared only where both hold data (:func:`.refine.overlap_mask`): without them
+    a vertebra cut by the edge of a field of view was held to that edge (TRE_NOTE).
 
     Args:
         velocity: ``(1, 3, d, h, w)`` starting velocity (the network's) in voxels of its grid.
@@ -214,6 +219,9 @@ def refine_vertebrae_rigidly(
         spacing: Full-grid mm per voxel, array order.
         settings: Steps, step size, fall-off, similarity and limits.
         vertebra_weights: Label -> weight; a vertebra with weight 0 is left where the network put it.
+        fixed_mask: ``(1, 1, D, H, W)`` where the MR has data (``None``: everywhere).
+        moving_mask: ``(1, 1, D, H, W)`` where the pre-aligned CT has data (``None``: everywhere); a voxel whose
+            warped position falls outside it is left out of the comparison.
 
     Returns:
         ``(velocity (1, 3, d, h, w) detached, {label: [tx, ty, tz (mm), rotation angle (deg)]})``; the velocity is
@@ -244,18 +252,26 @@ def refine_vertebrae_rigidly(
             [(g - 1) / max(f - 1, 1) for g, f in zip(grid, full)], device=velocity.device
         ).view(1, 3, 1, 1, 1)
         region = _bone_band(moving_labels, frames.labels, spacing, settings.sample_band_mm)
+        if fixed_mask is not None:
+            region = region & (fixed_mask > 0)
         points = _sample_points(region.flatten(), settings.samples)
+        if points.numel() == 0:
+            raise InputError("the MR's field of view does not reach the CT vertebrae after pre-alignment")
         fixed_samples = fixed.flatten()[points].view(1, 1, -1, 1, 1)
         where = identity_grid(full, velocity.device).flatten(2)[:, :, points].view(1, 3, -1, 1, 1) * to_velocity_grid
     else:
         fixed_g, moving_g = to_grid(fixed, grid), to_grid(moving, grid)
+        fixed_mask_g = None if fixed_mask is None else to_grid(fixed_mask.float(), grid, mode="nearest")
+        moving_mask_g = None if moving_mask is None else to_grid(moving_mask.float(), grid, mode="nearest")
         if settings.similarity == "mind":
             similarity = partial(similarity, fixed_descriptor=mind_ssc(fixed_g))
+    moving_inside = None if moving_mask is None else moving_mask.float()
 
     def loss_of(total_velocity: torch.Tensor) -> torch.Tensor:
         if points is None:
             displacement = integrate_velocity(total_velocity, integration_steps)
-            return similarity(fixed_g, warp(moving_g, displacement, padding_mode="border"))
+            mask = overlap_mask(fixed_mask_g, moving_mask_g, displacement)
+            return similarity(fixed_g, warp(moving_g, displacement, padding_mode="border"), mask=mask)
         # Only the sampled voxels are compared, so only their paths are integrated (midpoint steps along the
         # velocity) instead of the whole grid's scaling and squaring, which would cost most of each step.
         moved = where
@@ -263,7 +279,9 @@ def refine_vertebrae_rigidly(
         for _ in range(_PATH_STEPS):
             half = moved + 0.5 * step * sample_at(total_velocity, moved, padding_mode="border")
             moved = moved + step * sample_at(total_velocity, half, padding_mode="border")
-        return similarity(fixed_samples, sample_at(moving, moved / to_velocity_grid, padding_mode="border"))
+        at = moved / to_velocity_grid
+        mask = None if moving_inside is None else (sample_at(moving_inside, at) > 0.5).float()  # see overlap_mask
+        return similarity(fixed_samples, sample_at(moving, at, padding_mode="border"), mask=mask)
 
     base = velocity.detach()
     parameters = torch.zeros(len(frames.labels), 6, device=velocity.device, requires_grad=True)
@@ -317,9 +335,7 @@ def _recentred(
     present = set(torch.unique(moved).tolist())
     if not all(label in present for label in frames.labels):
         return frames, parameters.detach().clone()
-    new = vertebra_frames(
-        moved, frames.spacing, frames.sigma_mm, frames.labels, frames.margin_mm, frames.partition_mm
-    )
+    new = vertebra_frames(moved, frames.spacing, frames.sigma_mm, frames.labels, frames.margin_mm, frames.partition_mm)
     rotation = bounded[:, 3:] / ROTATION_RADIUS_MM
     shifted = bounded.clone()
     shifted[:, :3] = bounded[:, :3] + torch.linalg.cross(rotation, new.centres_mm - frames.centres_mm, dim=1)
@@ -327,9 +343,7 @@ def _recentred(
     return new, limit * torch.atanh(ratio)
 
 
-def _bone_band(
-    labels: torch.Tensor, values: Sequence[int], spacing: Sequence[float], band_mm: float
-) -> torch.Tensor:
+def _bone_band(labels: torch.Tensor, values: Sequence[int], spacing: Sequence[float], band_mm: float) -> torch.Tensor:
     """``(1, 1, D, H, W)`` bool: voxels within ``band_mm`` (along each array axis) of a vertebra in ``values``."""
     band = torch.isin(labels, torch.tensor(list(values), device=labels.device)).float()
     for axis, step in enumerate(spacing):  # one axis at a time: a 3D box max-pool cost 2 s on a 1 mm spine crop

@@ -65,6 +65,23 @@ def to_grid(volume: torch.Tensor, shape: Sequence[int], mode: str = "bilinear") 
     return sample_at(volume.float(), coords, mode=mode, padding_mode="border").to(volume.dtype)
 
 
+def overlap_mask(
+    fixed_mask: torch.Tensor | None, moving_mask: torch.Tensor | None, displacement: torch.Tensor
+) -> torch.Tensor | None:
+    """``(1, 1, D, H, W)`` float: 1 where the fixed image has data and the moving image, warped by ``displacement``
+    (voxels of the masks' grid), has too; ``None`` when neither mask is given.
+
+    Similarities are compared only there: the edge of a field of view is a strong, artificial feature (the
+    processing grid reaches past both images, which read 0 outside) that would hold a vertebra cut by it to the
+    edge. Thresholded, so it passes no gradient: a soft weight would pull the images across the CT's edge.
+    """
+    mask = None if fixed_mask is None else fixed_mask.float()
+    if moving_mask is not None:
+        moved = (warp(moving_mask.float(), displacement) > 0.5).float()
+        mask = moved if mask is None else mask * moved
+    return mask
+
+
 def refine_velocity(
     velocity: torch.Tensor,
     fixed: torch.Tensor,
@@ -76,6 +93,8 @@ def refine_velocity(
     integration_steps: int = 7,
     point_pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
     vertebra_weights: Mapping[int, float] | None = None,
+    fixed_mask: torch.Tensor | None = None,
+    moving_mask: torch.Tensor | None = None,
     progress: Callable[[float, str], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
@@ -92,6 +111,7 @@ def refine_velocity(
         point_pairs: ``(fixed_points, target_points)``, each ``(N, 3)`` full-grid voxel coordinates (array
             order): the refined map should send each fixed point to its target.
         vertebra_weights: Label -> multiplier of the rigidity terms (0 excludes that vertebra).
+        fixed_mask, moving_mask: ``(1, 1, D, H, W)`` where each image has data (see :func:`overlap_mask`).
 
     Returns:
         ``(1, 3, d, h, w)`` refined velocity (detached).
@@ -105,6 +125,9 @@ def refine_velocity(
     fixed_g = to_grid(fixed, grid)
     moving_g = to_grid(moving, grid)
     labels_g = to_grid(moving_labels.float(), grid, mode="nearest").long()
+    fixed_mask_g, moving_mask_g = (
+        None if m is None else to_grid(m.float(), grid, mode="nearest") for m in (fixed_mask, moving_mask)
+    )
     similarity = SIMILARITY_LOSSES[weights.similarity]
     if weights.similarity == "mind":  # the fixed image's descriptor is the same at every step
         similarity = partial(similarity, fixed_descriptor=mind_ssc(fixed_g))
@@ -122,7 +145,9 @@ def refine_velocity(
         optimizer.zero_grad(set_to_none=True)
         displacement = integrate_velocity(v, integration_steps)
         # Border padding: zero padding would put an artificial edge into the warped image that MIND latches onto.
-        loss = weights.similarity_weight * similarity(fixed_g, warp(moving_g, displacement, padding_mode="border"))
+        warped = warp(moving_g, displacement, padding_mode="border")
+        mask = overlap_mask(fixed_mask_g, moving_mask_g, displacement)
+        loss = weights.similarity_weight * similarity(fixed_g, warped, mask=mask)
         loss = loss + weights.smooth * diffusion_loss(v)
         if rigidity:
             loss = loss + rigidity_loss(
