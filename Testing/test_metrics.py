@@ -271,3 +271,16 @@ def test_vertebra_table_equals_the_per_vertebra_functions():
         assert row["tre_mm"] == pytest.approx(
             target_registration_error(u, truth, step, mask=true_warped == value), rel=1e-9
         )
+
+
+def test_a_vertebra_moved_partly_out_of_the_grid_by_a_translation_keeps_its_volume():
+    """Cut by the field of view and truly moving out of it: the part that leaves the grid is not a volume change
+    (a plain warped-voxel count reported -40 % here for a rigid shift)."""
+    labels = torch.zeros(1, 1, 20, 12, 12, dtype=torch.int64)
+    labels[..., 10:20, 3:9, 3:9] = 7  # reaches the last slice
+    shift = torch.zeros(1, 3, 20, 12, 12, dtype=torch.float64)
+    shift[:, 0] = -4.0  # fixed voxel z shows moving voxel z - 4: the vertebra moves up, 4 of its slices leave
+    assert int((warp_labels(labels, shift) == 7).sum()) == 6 * 36
+    assert volume_change_percent(labels, shift)[7] == pytest.approx(0.0, abs=1e-9)
+    row = vertebra_table(labels, shift)[0]
+    assert row["volume_change_percent"] == pytest.approx(0.0, abs=1e-9)
