@@ -187,4 +187,7 @@ def test_the_overlap_mask_is_where_the_fixed_image_and_the_warped_moving_image_b
     mask = overlap_mask(fixed_mask, moving_mask, shift)[0, 0, :, 3, 3]
     assert mask.tolist() == [0, 1, 1, 1, 1, 1, 0, 0]
     assert overlap_mask(None, None, shift) is None
+    half = torch.full_like(shift, 0.0)
+    half[:, 0] = -2.6  # fixed voxel 5 reads moving 2.4, whose stencil touches voxel 2, outside the CT
+    assert overlap_mask(None, moving_mask, half)[0, 0, :, 3, 3].tolist() == [0, 0, 0, 0, 0, 0, 1, 1]
     assert torch.equal(overlap_mask(fixed_mask, None, shift), fixed_mask.float())

@@ -174,9 +174,7 @@ class Geometry:
         return self.array_index_to_lps_points(idx)
 
 
-_ARRAY_TO_ITK_ORDER = np.array(
-    [[0.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
-)
+_ARRAY_TO_ITK_ORDER = np.array([[0.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
 
 
 def lps_to_ras_matrix() -> np.ndarray:

@@ -53,8 +53,22 @@ _MARKUPS_SCHEMA = (
     "https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/Resources/Schema/"
     "markups-schema-v1.0.3.json#"
 )
-_FCSV_DEFAULT_COLUMNS = ["id", "x", "y", "z", "ow", "ox", "oy", "oz", "vis", "sel", "lock", "label", "desc",
-                         "associatedNodeID"]
+_FCSV_DEFAULT_COLUMNS = [
+    "id",
+    "x",
+    "y",
+    "z",
+    "ow",
+    "ox",
+    "oy",
+    "oz",
+    "vis",
+    "sel",
+    "lock",
+    "label",
+    "desc",
+    "associatedNodeID",
+]
 
 
 def _itk_message(error: Exception) -> str:
@@ -192,8 +206,13 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
         raise InputError(f"folder {folder} holds no DICOM series (and a folder is read only as a DICOM series)")
     chosen = series[0]
     if len(series) > 1:
-        logger.warning("folder %s holds %d DICOM series (%s); reading the first, %s", folder, len(series),
-                       ", ".join(series), chosen)
+        logger.warning(
+            "folder %s holds %d DICOM series (%s); reading the first, %s",
+            folder,
+            len(series),
+            ", ".join(series),
+            chosen,
+        )
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), chosen)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
@@ -550,8 +569,9 @@ def _fcsv(names: list[str], stored: np.ndarray, system: str) -> str:
     out.write("# columns = " + ",".join(_FCSV_DEFAULT_COLUMNS) + "\n")
     writer = csv.writer(out, lineterminator="\n")
     for n, (name, p) in enumerate(zip(names, stored, strict=True)):
-        writer.writerow([f"vtkMRMLMarkupsFiducialNode_{n}", *(repr(float(c)) for c in p), 0, 0, 0, 1, 1, 1, 0,
-                         name, "", ""])
+        writer.writerow(
+            [f"vtkMRMLMarkupsFiducialNode_{n}", *(repr(float(c)) for c in p), 0, 0, 0, 1, 1, 1, 0, name, "", ""]
+        )
     return out.getvalue()
 
 

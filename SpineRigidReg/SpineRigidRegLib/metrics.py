@@ -412,10 +412,11 @@ def vertebra_table(
     """One row of metrics per vertebra of the moving label map.
 
     Columns: ``label``; ``voxels`` (moving vertebra size); ``dice`` (crisp warped vertebra vs the fixed labels, only
-    with ``fixed_labels``); ``rigid_dice`` (:func:`rigid_dice_per_label`); ``volume_change_percent`` (signed, :func:`volume_change_percent`);
-    ``pc`` and ``oc`` (:func:`properness_metric`, :func:`orthonormality_metric`); ``folding_voxels`` inside the
-    crisp warped vertebra; ``mean_displacement_mm`` over it; ``tre_mm`` (only with ``true_displacement``: mean
-    error over the vertebra's region in the fixed grid under the true field, ``warp_labels(labels, u_true) == i``).
+    with ``fixed_labels``); ``rigid_dice`` (:func:`rigid_dice_per_label`); ``volume_change_percent`` (signed,
+    :func:`volume_change_percent`); ``pc`` and ``oc`` (:func:`properness_metric`, :func:`orthonormality_metric`);
+    ``folding_voxels`` inside the crisp warped vertebra; ``mean_displacement_mm`` over it; ``tre_mm`` (only with
+    ``true_displacement``: mean error over the vertebra's region in the fixed grid under the true field,
+    ``warp_labels(labels, u_true) == i``).
 
     ``warped_labels`` (``warp_labels(moving_labels, displacement)``) and ``jacobian`` (``jacobian_matrix`` of the
     displacement with ``spacing``) may be passed when the caller has them already. Every per-vertebra sum is one

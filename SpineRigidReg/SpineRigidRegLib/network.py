@@ -156,9 +156,7 @@ class RegistrationNet(nn.Module):
         displacement = resize_displacement(displacement, fixed.shape[2:])
         return RegistrationOutput(displacement=displacement, velocity=velocity)
 
-    def _inputs(
-        self, fixed: torch.Tensor, moving: torch.Tensor, moving_labels: torch.Tensor | None
-    ) -> torch.Tensor:
+    def _inputs(self, fixed: torch.Tensor, moving: torch.Tensor, moving_labels: torch.Tensor | None) -> torch.Tensor:
         check_tensor(fixed, "fixed image", ndim=5, channels=1, floating=True)
         check_tensor(moving, "moving image", ndim=5, channels=1, floating=True)
         check_same_spatial_shape(fixed, moving, "fixed image", "moving image")

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .errors import CancelledError, InputError
 from .losses.similarity import SIMILARITY_LOSSES, mind_ssc
-from .refine import overlap_mask, to_grid
+from .refine import inside_moving_image, overlap_mask, to_grid
 from .warp import identity_grid, integrate_velocity, sample_at, warp, warp_labels
 
 #: Midpoint steps integrating the sampled voxels' paths during the optimisation (the result is then integrated by
@@ -265,7 +265,6 @@ def refine_vertebrae_rigidly(
         moving_mask_g = None if moving_mask is None else to_grid(moving_mask.float(), grid, mode="nearest")
         if settings.similarity == "mind":
             similarity = partial(similarity, fixed_descriptor=mind_ssc(fixed_g))
-    moving_inside = None if moving_mask is None else moving_mask.float()
 
     def loss_of(total_velocity: torch.Tensor) -> torch.Tensor:
         if points is None:
@@ -280,7 +279,7 @@ def refine_vertebrae_rigidly(
             half = moved + 0.5 * step * sample_at(total_velocity, moved, padding_mode="border")
             moved = moved + step * sample_at(total_velocity, half, padding_mode="border")
         at = moved / to_velocity_grid
-        mask = None if moving_inside is None else (sample_at(moving_inside, at) > 0.5).float()  # see overlap_mask
+        mask = None if moving_mask is None else inside_moving_image(moving_mask, at)
         return similarity(fixed_samples, sample_at(moving, at, padding_mode="border"), mask=mask)
 
     base = velocity.detach()

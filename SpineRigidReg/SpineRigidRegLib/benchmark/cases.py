@@ -104,8 +104,13 @@ def phantom_anatomy(index: int, tiny: bool = False) -> dict:
     ``tiny`` gives 3-vertebra 32x32x40 phantoms for tests.
     """
     if tiny:
-        return {"num_vertebrae": 3, "shape": (40, 32, 32), "curvature_deg": (10.0, -5.0)[index % 2], "seed": index,
-                "direction": RAS_DIRECTION if index % 2 else None}
+        return {
+            "num_vertebrae": 3,
+            "shape": (40, 32, 32),
+            "curvature_deg": (10.0, -5.0)[index % 2],
+            "seed": index,
+            "direction": RAS_DIRECTION if index % 2 else None,
+        }
     count = (4, 3, 5, 4)[index % 4]
     curvature = (15.0, -10.0, 25.0, 5.0, 30.0, -5.0)[index % 6]
     top_label = (None, 17, None, 10)[index % 4]  # lumbar, T10-T12, lumbar, T3-T6

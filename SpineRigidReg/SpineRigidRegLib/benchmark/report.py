@@ -177,8 +177,13 @@ def _package_version(name: str) -> str:
 def _git_commit() -> str:
     try:
         root = Path(__file__).resolve().parents[3]
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=5, check=False)
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -292,8 +297,12 @@ def plot_boxplots(run: BenchmarkRun, path: str | os.PathLike) -> Path:
     import matplotlib.pyplot as plt
 
     methods = method_order(run)
-    panels = (("dice", "DSC"), ("rigid_dice", "rigid DSC"), ("abs_volume_change_percent", "|%Δvol|"),
-              ("tre_mm", "vertebra TRE (mm)"))
+    panels = (
+        ("dice", "DSC"),
+        ("rigid_dice", "rigid DSC"),
+        ("abs_volume_change_percent", "|%Δvol|"),
+        ("tre_mm", "vertebra TRE (mm)"),
+    )
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 1, 4.2))
     for ax, (column, title) in zip(axes, panels):
         data = []
@@ -442,8 +451,13 @@ def _results_section(run: BenchmarkRun, meta: Mapping, rel: str) -> list[str]:
     ]
     cases = meta.get("cases", [])
     if cases:
-        lines += ["## Cases", "", "| case | source | seed | vertebrae | curvature (deg) | orientation | motion scale | "
-                  "grid (D, H, W) at 1 mm |", "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Cases",
+            "",
+            "| case | source | seed | vertebrae | curvature (deg) | orientation | motion scale | "
+            "grid (D, H, W) at 1 mm |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for case in cases:
             d = case.get("description", {})
             lines.append(
@@ -512,8 +526,9 @@ def _machine_section(meta: Mapping) -> list[str]:
     return lines
 
 
-def write_report(run: BenchmarkRun, out_dir: str | os.PathLike, markdown_path: str | os.PathLike,
-                 meta: Mapping | None = None) -> dict[str, Path]:
+def write_report(
+    run: BenchmarkRun, out_dir: str | os.PathLike, markdown_path: str | os.PathLike, meta: Mapping | None = None
+) -> dict[str, Path]:
     """Write the CSV files, ``run.json``, the figures and the Markdown report."""
     out = Path(out_dir)
     paths = write_results(run, out)

@@ -291,8 +291,13 @@ def case_prealignment(case: BenchmarkCase):
     if key not in _PREALIGNMENTS:
         names = {int(v): n for n, v in _named_values(case.moving_labels).items()}
         _PREALIGNMENTS.clear()  # one case at a time
-        _PREALIGNMENTS[key] = prealign(case.fixed, case.moving, case.moving_labels,
-                                       fixed_landmarks=named_centroids(case.fixed_labels), label_names=names)
+        _PREALIGNMENTS[key] = prealign(
+            case.fixed,
+            case.moving,
+            case.moving_labels,
+            fixed_landmarks=named_centroids(case.fixed_labels),
+            label_names=names,
+        )
     return _PREALIGNMENTS[key]
 
 
@@ -392,8 +397,17 @@ def run_method(method: Method, case: BenchmarkCase, models: ModelCache | None = 
 # ---------------------------------------------------------------------------------------------------- metrics
 
 #: Per-vertebra columns copied from :func:`..metrics.vertebra_table`.
-VERTEBRA_COLUMNS = ("dice", "rigid_dice", "volume_change_percent", "pc", "oc", "folding_voxels", "tre_mm",
-                    "mean_displacement_mm", "voxels")
+VERTEBRA_COLUMNS = (
+    "dice",
+    "rigid_dice",
+    "volume_change_percent",
+    "pc",
+    "oc",
+    "folding_voxels",
+    "tre_mm",
+    "mean_displacement_mm",
+    "voxels",
+)
 
 
 def evaluate(case: BenchmarkCase, displacement: torch.Tensor) -> tuple[list[dict], dict]:
@@ -561,8 +575,12 @@ def run_benchmark(
                 continue
             rows, field_stats = evaluate(case, output.displacement)
             for row in rows:
-                run.vertebra_rows.append({**base, **{k: row.get(k) for k in ("label", "name", *VERTEBRA_COLUMNS,
-                                                                              "abs_volume_change_percent")}})
+                run.vertebra_rows.append(
+                    {
+                        **base,
+                        **{k: row.get(k) for k in ("label", "name", *VERTEBRA_COLUMNS, "abs_volume_change_percent")},
+                    }
+                )
             summary = metrics.summarize(rows)
             run.case_rows.append(
                 {
@@ -632,12 +650,14 @@ def speed_benchmark(
     settings = RegistrationSettings(device=str(torch_device), refine_steps=0)
     landmarks = named_centroids(pair.fixed_labels)
     report(0.1, "speed: srr-register pipeline")
-    register(pair.fixed, pair.moving, pair.moving_labels, fixed_landmarks=landmarks, settings=settings,
-             network=network)  # warm-up (first-call allocations, kernel selection)
+    register(
+        pair.fixed, pair.moving, pair.moving_labels, fixed_landmarks=landmarks, settings=settings, network=network
+    )  # warm-up (first-call allocations, kernel selection)
     with PeakMemory(torch_device) as memory:
         start = time.perf_counter()
-        result = register(pair.fixed, pair.moving, pair.moving_labels, fixed_landmarks=landmarks, settings=settings,
-                          network=network)
+        result = register(
+            pair.fixed, pair.moving, pair.moving_labels, fixed_landmarks=landmarks, settings=settings, network=network
+        )
         wall = time.perf_counter() - start
     out: dict = {
         "input_shape": list(shape),
@@ -657,8 +677,11 @@ def speed_benchmark(
     out["elastix_s"] = staring.runtime_s
     out["elastix_peak_memory_mb"] = memory.peak_mb
     out["elastix_threads"] = elastix.threads or os.cpu_count()
-    out["elastix_iterations"] = list(elastix.iterations) if isinstance(elastix.iterations, Sequence) else [
-        elastix.iterations] * elastix.resolutions
+    out["elastix_iterations"] = (
+        list(elastix.iterations)
+        if isinstance(elastix.iterations, Sequence)
+        else [elastix.iterations] * elastix.resolutions
+    )
     registration = result.timings["total"] - result.timings.get("outputs", 0.0)
     out["registration_s"] = registration
     out["speedup_vs_elastix"] = staring.runtime_s / wall if wall > 0 else math.nan
@@ -676,8 +699,12 @@ def speed_benchmark(
             start = time.perf_counter()
             register_prealigned(fixed, moving, labels, (1.0, 1.0, 1.0), network, settings)
             seconds = time.perf_counter() - start
-        out["grid_memory"] = {"grid": [n, n, n], "peak_memory_mb": memory.peak_mb, "seconds": seconds,
-                              "device": str(torch_device)}
+        out["grid_memory"] = {
+            "grid": [n, n, n],
+            "peak_memory_mb": memory.peak_mb,
+            "seconds": seconds,
+            "device": str(torch_device),
+        }
     report(1.0, "speed: done")
     return out
 

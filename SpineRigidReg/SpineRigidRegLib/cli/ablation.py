@@ -64,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rows", nargs="+", default=None, help=f"rows to fine-tune (default all: {' '.join(TABLE1)})")
     parser.add_argument("--out", type=Path, default=Path("runs/ablation"), help="output folder")
     parser.add_argument("--baseline-steps", type=int, help="override the baseline's schedule.steps")
-    parser.add_argument("--finetune-steps", type=int, help="steps of each fine-tuning (default: the rest after the "
-                        "milestone)")
+    parser.add_argument(
+        "--finetune-steps", type=int, help="steps of each fine-tuning (default: the rest after the milestone)"
+    )
     parser.add_argument("--milestone", type=float, default=0.8, help="fraction of the baseline to fine-tune from")
     parser.add_argument("--resume", action="store_true", help="continue interrupted runs (finished ones are kept)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:N]")
@@ -116,8 +117,14 @@ def run_ablation(
     milestone_path = baseline_dir / "milestone.pt"
     start = time.perf_counter()
     if not milestone_path.is_file():
-        train(base.override(schedule={"steps": milestone_step}), baseline_dir, resume=resume, device=device,
-              progress=progress, threads=threads)
+        train(
+            base.override(schedule={"steps": milestone_step}),
+            baseline_dir,
+            resume=resume,
+            device=device,
+            progress=progress,
+            threads=threads,
+        )
         shutil.copyfile(baseline_dir / LAST_CHECKPOINT, milestone_path)
     train(base, baseline_dir, resume=True, device=device, progress=progress, threads=threads)
     walls["baseline"] = time.perf_counter() - start

@@ -26,8 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Example: srr-benchmark --cases 12 --out docs/benchmark --markdown docs/BENCHMARKS.md",
     )
     parser.add_argument("--cases", type=int, default=12, help="number of pairs (default 12)")
-    parser.add_argument("--real-cases", type=int, default=None,
-                        help="how many of them come from the real CT (default: a third, when the data is present)")
+    parser.add_argument(
+        "--real-cases",
+        type=int,
+        default=None,
+        help="how many of them come from the real CT (default: a third, when the data is present)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="folder for the CSV files and figures")
     parser.add_argument("--markdown", type=Path, default=None, help="Markdown report (default: OUT/BENCHMARKS.md)")
     parser.add_argument("--elastix-iterations", type=int, default=250, help="elastix iterations per resolution")
@@ -46,10 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="run only these rows on the previous run's cases (from OUT/run.json) and reuse the other rows from "
         "OUT's CSV files (e.g. 'model' once the bundled model exists)",
     )
-    parser.add_argument("--speed", action="store_true",
-                        help="measure the pipeline's speed/memory figures instead of the accuracy table")
-    parser.add_argument("--speed-shape", type=int, nargs=3, default=(192, 160, 160), metavar=("D", "H", "W"),
-                        help="input crop of the speed measurement (array order, 1 mm)")
+    parser.add_argument(
+        "--speed", action="store_true", help="measure the pipeline's speed/memory figures instead of the accuracy table"
+    )
+    parser.add_argument(
+        "--speed-shape",
+        type=int,
+        nargs=3,
+        default=(192, 160, 160),
+        metavar=("D", "H", "W"),
+        help="input crop of the speed measurement (array order, 1 mm)",
+    )
     parser.add_argument("--memory-grid", type=int, default=256, help="cubic grid of the memory measurement (0: skip)")
     add_common_arguments(parser)
     return parser
@@ -98,8 +109,10 @@ def _run(args: argparse.Namespace) -> int:
         speed["date_utc"] = report.machine_info()["date_utc"]
         report.write_json(speed, args.out / report.SPEED_JSON)
         path = report.render_markdown(args.out, markdown)
-        print(f"pipeline {speed['pipeline_s']:.2f} s, elastix + penalty {speed['elastix_s']:.1f} s "
-              f"({speed['speedup_vs_elastix']:.1f}x); report: {path}")
+        print(
+            f"pipeline {speed['pipeline_s']:.2f} s, elastix + penalty {speed['elastix_s']:.1f} s "
+            f"({speed['speedup_vs_elastix']:.1f}x); report: {path}"
+        )
         return 0
 
     use_real = not args.no_real_data and real_data_available(args.shared_data) and not args.tiny
@@ -128,19 +141,31 @@ def _run(args: argparse.Namespace) -> int:
             use_real = any(spec.source == "real" for spec in specs)
 
     with progress_bar(not args.quiet) as progress:
-        cases = build_cases(specs, args.shared_data if use_real else None, tiny=args.tiny,
-                            progress=lambda f, m: progress(0.05 * f, m))
+        cases = build_cases(
+            specs, args.shared_data if use_real else None, tiny=args.tiny, progress=lambda f, m: progress(0.05 * f, m)
+        )
         panel_case = next((c.name for c in cases if c.source == "real"), cases[0].name)
-        run = run_benchmark(cases, methods, device=args.device, panel_case=panel_case,
-                            progress=lambda f, m: progress(0.05 + 0.95 * f, m))
+        run = run_benchmark(
+            cases,
+            methods,
+            device=args.device,
+            panel_case=panel_case,
+            progress=lambda f, m: progress(0.05 + 0.95 * f, m),
+        )
     if previous is not None:
         # every previous row of the rerun kinds goes, also rows of that kind whose name has since changed
         replaced = {str(r.get("method")) for r in previous.case_rows} - kept | {m.name for m in methods}
         run = report.merge_results(previous, run, sorted(replaced))
         meta = report.read_json(args.out / report.RUN_JSON)
-        meta.setdefault("reruns", []).append({"command": report.command_line(), "rows": [m.name for m in methods],
-                                              "date_utc": report.machine_info()["date_utc"],
-                                              "wall_time_s": time.perf_counter() - started})
+        meta.setdefault("reruns", []).append(
+            {
+                "command": report.command_line(),
+                "rows": [m.name for m in methods],
+                "date_utc": report.machine_info()["date_utc"],
+                "wall_time_s": time.perf_counter() - started,
+            }
+        )
+
         def still_true(note: str) -> bool:  # notes about rows this rerun replaces are stale
             if "were run later" in note or "model rows skipped" in note:
                 return not any(m.kind == KIND_MODEL for m in methods)
@@ -161,19 +186,21 @@ def _run(args: argparse.Namespace) -> int:
             "wall_time_s": time.perf_counter() - started,
             "panel_case": panel_case,
             "notes": notes,
-            "cases": [{"name": c.name, "source": c.source, "seed": c.seed, "description": c.description}
-                      for c in cases],
+            "cases": [
+                {"name": c.name, "source": c.source, "seed": c.seed, "description": c.description} for c in cases
+            ],
             "specs": [asdict(spec) for spec in specs],
             "tiny": bool(args.tiny),
             "settings": {
                 "elastix": {m.name: describe(m.elastix) for m in methods if m.elastix is not None},
-                "models": [{k: v for k, v in asdict(m).items() if k != "elastix"} for m in methods
-                           if m.kind == KIND_MODEL],
+                "models": [
+                    {k: v for k, v in asdict(m).items() if k != "elastix"} for m in methods if m.kind == KIND_MODEL
+                ],
                 "device": args.device,
                 "threads": args.threads or torch.get_num_threads(),
                 "seed": args.seed,
                 "model rows pre-alignment": "vertebra centre points (MR: centroids of the true fixed labels; "
-                                            "CT: label centroids), as in the paper",
+                "CT: label centroids), as in the paper",
             },
         }
     paths = report.write_report(run, args.out, markdown, meta)

@@ -28,11 +28,15 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--transform", type=Path, help="a transform file or displacement-field image (fixed -> moving)")
     parser.add_argument("--moving-labels", type=Path, required=True, help="CT vertebra label map")
     parser.add_argument("--fixed-labels", type=Path, help="MR vertebra label map (for DSC)")
-    parser.add_argument("--true-displacement", type=Path,
-                        help="true fixed -> moving transform or displacement image (for TRE)")
-    parser.add_argument("--reference", type=Path,
-                        help="evaluation grid (default: the MR labels' grid, else the result's processing grid, "
-                             "else the displacement image's grid)")
+    parser.add_argument(
+        "--true-displacement", type=Path, help="true fixed -> moving transform or displacement image (for TRE)"
+    )
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        help="evaluation grid (default: the MR labels' grid, else the result's processing grid, "
+        "else the displacement image's grid)",
+    )
     parser.add_argument("--csv", type=Path, help="write the per-vertebra table here")
     parser.add_argument("--json", type=Path, help="write the per-vertebra rows and the summary here")
     add_common_arguments(parser)
@@ -88,9 +92,13 @@ def _run(args: argparse.Namespace) -> int:
     summary = {**metrics.summarize(rows), **field}
     print(format_table(rows))
     parts = [f"vertebrae: {summary['vertebrae']}"]
-    for key, title, fmt in (("dice_mean", "DSC", "{:.3f}"), ("rigid_dice_mean", "rigid DSC", "{:.3f}"),
-                            ("abs_volume_change_percent_mean", "|%Δvol|", "{:.2f}"), ("pc_mean", "PC", "{:.4f}"),
-                            ("tre_mm_mean", "TRE mm", "{:.2f}")):
+    for key, title, fmt in (
+        ("dice_mean", "DSC", "{:.3f}"),
+        ("rigid_dice_mean", "rigid DSC", "{:.3f}"),
+        ("abs_volume_change_percent_mean", "|%Δvol|", "{:.2f}"),
+        ("pc_mean", "PC", "{:.4f}"),
+        ("tre_mm_mean", "TRE mm", "{:.2f}"),
+    ):
         value = summary.get(key)
         if value is not None and math.isfinite(value):
             parts.append(f"{title} {fmt.format(value)}")

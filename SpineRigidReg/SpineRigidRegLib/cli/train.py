@@ -50,9 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--no-tensorboard", action="store_true", help="CSV logs only")
     export = parser.add_argument_group("shipping a trained model (instead of training)")
-    export.add_argument("--export", nargs="+", type=Path, metavar="RUN",
-                        help="run folders of a finished training, in order; writes --out/NAME.pt and NAME.json "
-                        "(weights of the last run's best.pt + model card)")
+    export.add_argument(
+        "--export",
+        nargs="+",
+        type=Path,
+        metavar="RUN",
+        help="run folders of a finished training, in order; writes --out/NAME.pt and NAME.json "
+        "(weights of the last run's best.pt + model card)",
+    )
     export.add_argument("--name", default="default", help="file name of the exported model (default: default)")
     export.add_argument("--device-label", default="CPU", help="training hardware for the model card")
     add_common_arguments(parser)

@@ -271,9 +271,7 @@ def _paint_level(
     )
     posterior = (pedicles | lamina | spinous | transverse) & ~canal & (np.abs(w) <= pitch / 2.0)
     bone = body | posterior
-    marrow = body_core | (
-        pedicles & ((np.abs(np.abs(u) - u_ped) / max(r_ped - t_cortex, 0.3)) ** 2 <= 1.0) & ~canal
-    )
+    marrow = body_core | (pedicles & ((np.abs(np.abs(u) - u_ped) / max(r_ped - t_cortex, 0.3)) ** 2 <= 1.0) & ~canal)
 
     t = tissues[k_sel]
     lab = labels[k_sel]

@@ -273,8 +273,9 @@ def bone_aligned_slices(labels: sitk.Image, ct: sitk.Image, vertebra_ids: set[in
     moved = sitk.Image(labels)
     moved.SetOrigin(ct.TransformIndexToPhysicalPoint((0, 0, offset)))
     if offset != int(round(ct.TransformPhysicalPointToContinuousIndex(labels.GetOrigin())[2])):
-        logger.warning("label map moved to CT slices %d-%d, where its vertebrae lie on bone", offset,
-                       offset + n_labels - 1)
+        logger.warning(
+            "label map moved to CT slices %d-%d, where its vertebrae lie on bone", offset, offset + n_labels - 1
+        )
     return moved
 
 

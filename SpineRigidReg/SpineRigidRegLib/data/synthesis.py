@@ -143,10 +143,20 @@ class SynthesisSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("max_flexion_deg", "max_lateral_bending_deg", "max_axial_rotation_deg", "max_global_rotation_deg",
-                     "max_translation_mm", "max_vertebra_translation_mm", "rigid_margin_mm",
-                     "soft_tissue_amplitude_mm", "texture_strength", "class_noise", "slice_thickness_mm",
-                     "bias_strength"):
+        for name in (
+            "max_flexion_deg",
+            "max_lateral_bending_deg",
+            "max_axial_rotation_deg",
+            "max_global_rotation_deg",
+            "max_translation_mm",
+            "max_vertebra_translation_mm",
+            "rigid_margin_mm",
+            "soft_tissue_amplitude_mm",
+            "texture_strength",
+            "class_noise",
+            "slice_thickness_mm",
+            "bias_strength",
+        ):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise InputError(f"synthesis setting {name} must be a finite number >= 0, got {value}")
@@ -162,16 +172,24 @@ class SynthesisSettings:
 
     def without_motion(self) -> SynthesisSettings:
         """The same appearance settings with every motion set to zero (an identity field)."""
-        return replace(self, max_flexion_deg=0.0, max_lateral_bending_deg=0.0, max_axial_rotation_deg=0.0,
-                       max_global_rotation_deg=0.0, max_translation_mm=0.0, max_vertebra_translation_mm=0.0,
-                       soft_tissue_amplitude_mm=0.0)
+        return replace(
+            self,
+            max_flexion_deg=0.0,
+            max_lateral_bending_deg=0.0,
+            max_axial_rotation_deg=0.0,
+            max_global_rotation_deg=0.0,
+            max_translation_mm=0.0,
+            max_vertebra_translation_mm=0.0,
+            soft_tissue_amplitude_mm=0.0,
+        )
 
 
 # ----------------------------------------------------------------------------------------------- random helpers
 
 
-def _uniform(generator: torch.Generator, shape: Sequence[int], low: float, high: float, device,
-             dtype=torch.float32) -> torch.Tensor:
+def _uniform(
+    generator: torch.Generator, shape: Sequence[int], low: float, high: float, device, dtype=torch.float32
+) -> torch.Tensor:
     values = torch.rand(tuple(shape), generator=generator, device=generator.device, dtype=dtype)
     return (low + (high - low) * values).to(device)
 
@@ -188,8 +206,9 @@ def _generator(generator: torch.Generator | None, seed: int) -> torch.Generator:
     return generator
 
 
-def _smooth_noise(generator: torch.Generator, channels: int, shape: Sequence[int], spacing: Sequence[float],
-                  control_mm: float, device) -> torch.Tensor:
+def _smooth_noise(
+    generator: torch.Generator, channels: int, shape: Sequence[int], spacing: Sequence[float], control_mm: float, device
+) -> torch.Tensor:
     """``(1, channels, D, H, W)`` standard-normal values on a control grid ``control_mm`` apart, interpolated
     trilinearly (a smooth random field)."""
     coarse = [max(int(math.ceil((n - 1) * s / control_mm)) + 1, 2) for n, s in zip(shape, spacing, strict=True)]
@@ -397,8 +416,9 @@ def polyrigid_displacement(
     step_t = torch.tensor(step, dtype=torch.float32, device=device).view(1, 3, 1, 1, 1)
     grid_mm = identity_grid(shape, device=device) * step_t
     values, centroids = vertebra_centroids(labels, step)
-    maps = [transforms.get(v, torch.eye(4, dtype=torch.float64, device=device)).to(device, torch.float64)
-            for v in values]
+    maps = [
+        transforms.get(v, torch.eye(4, dtype=torch.float64, device=device)).to(device, torch.float64) for v in values
+    ]
     # The column's common rigid motion G is applied exactly and analytically; the poly-rigid part only carries each
     # vertebra's residual T_i G^-1, so the regions the vertebrae sweep stay small: u = G then psi (phi = psi o G).
     common = _common_rigid(maps, centroids)
@@ -478,8 +498,10 @@ def _centroid_spread(centroids: torch.Tensor) -> float:
     """Length scale (mm) of the soft-tissue blend: the typical distance between neighbouring vertebrae."""
     if centroids.shape[0] < 2:
         return 20.0
-    distances = torch.cdist(centroids, centroids) + torch.eye(centroids.shape[0], dtype=centroids.dtype,
-                                                              device=centroids.device) * 1e9
+    distances = (
+        torch.cdist(centroids, centroids)
+        + torch.eye(centroids.shape[0], dtype=centroids.dtype, device=centroids.device) * 1e9
+    )
     return float(distances.min(1).values.median().clamp(5.0, 60.0))
 
 

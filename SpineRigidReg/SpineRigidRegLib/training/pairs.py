@@ -150,9 +150,7 @@ def phantom_anatomy(data: DataConfig, generator: torch.Generator) -> _Anatomy:
     )
 
 
-def crop_box(
-    volume: torch.Tensor, start: Sequence[int], size: Sequence[int], fill: float | int = 0
-) -> torch.Tensor:
+def crop_box(volume: torch.Tensor, start: Sequence[int], size: Sequence[int], fill: float | int = 0) -> torch.Tensor:
     """The ``size`` box of ``(B, C, D, H, W)`` starting at ``start`` (may reach outside: filled with ``fill``)."""
     out = volume.new_full((*volume.shape[:2], *size), fill)
     src, dst = [], []
@@ -209,7 +207,10 @@ def make_pair(
         raise InputError(f"unknown pair source {source!r}; choose from {PAIR_SOURCES}")
     generator = torch.Generator().manual_seed(int(seed))
     use_real = source == "real" or (
-        source == "label_contrast" and real is not None and real.data_dir is not None and data.real > 0
+        source == "label_contrast"
+        and real is not None
+        and real.data_dir is not None
+        and data.real > 0
         and float(torch.rand((), generator=generator)) < 0.5
     )
     if use_real:

@@ -56,7 +56,16 @@ LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best.pt"
 PIPELINE_SPACING_MM = 1.0  # the grid srr-register runs the network on (RegistrationSettings.spacing_mm)
 TRAIN_FIELDS = [
-    "step", "loss", "similarity", "smooth", "rigidity", "label_dice", "field", "lr", "seconds_per_step", "synthesised"
+    "step",
+    "loss",
+    "similarity",
+    "smooth",
+    "rigidity",
+    "label_dice",
+    "field",
+    "lr",
+    "seconds_per_step",
+    "synthesised",
 ]
 VALIDATION_FIELDS = ["step", "dice", "rigid_dice", "abs_volume_change_percent", "folding_percent", "score"]
 
@@ -530,7 +539,11 @@ def _run(
                 if math.isfinite(score) and score > best_score:
                     best_step, best_score = step, score
                     save_checkpoint(
-                        out / BEST_CHECKPOINT, network, step=step, validation=last_figures, identity=identity,
+                        out / BEST_CHECKPOINT,
+                        network,
+                        step=step,
+                        validation=last_figures,
+                        identity=identity,
                         train_config=config.to_dict(),
                     )
             due = (schedule.checkpoint_every and step % schedule.checkpoint_every == 0) or (
@@ -539,8 +552,14 @@ def _run(
             if final or due:
                 extra = {"scaler": scaler.state_dict()} if scaler is not None else {}
                 save_checkpoint(
-                    last_path, network, optimizer=optimizer.state_dict(), step=step, best_step=best_step,
-                    best_score=best_score, train_config=config.to_dict(), **extra,
+                    last_path,
+                    network,
+                    optimizer=optimizer.state_dict(),
+                    step=step,
+                    best_step=best_step,
+                    best_score=best_score,
+                    train_config=config.to_dict(),
+                    **extra,
                 )
                 last_save = time.perf_counter()
     if bar is not None:
