@@ -149,6 +149,27 @@ def test_result_reports_rigidity_per_vertebra_and_dice_with_mr_labels(phantom, n
     assert {"prealign", "preprocess", "network", "refinement", "total"} <= set(result.timings)
 
 
+def test_vertebrae_the_mr_does_not_show_are_reported_and_named(phantom, network, caplog):
+    """An MR covering fewer levels than the CT: each vertebra's share inside the MR's view is in its row, those
+    mostly outside are named in a warning and in the summary; the registration itself runs on what overlaps."""
+    mr = oblique_mr(phantom, sitk.Euler3DTransform())
+    size = list(mr.GetSize())
+    keep = size[2] * 5 // 8
+    mr = sitk.RegionOfInterest(mr, [size[0], size[1], keep], [0, 0, 0])
+    settings = pipeline.RegistrationSettings(
+        device="cpu", refine_steps=0, margin_mm=8.0, vertebra_rigid=VertebraRigidSettings(steps=2)
+    )
+    with caplog.at_level("WARNING", logger="SpineRigidRegLib.pipeline"):
+        result = pipeline.register(mr, phantom.ct, phantom.labels, settings=settings, network=network)
+    coverage = {row["name"]: row["mr_coverage_percent"] for row in result.vertebrae}
+    assert max(coverage.values()) == 100.0 and min(coverage.values()) < 50.0, coverage
+    outside = [name for name, share in coverage.items() if share < pipeline.MR_COVERAGE_WARN_PERCENT]
+    assert result.summary["vertebrae_outside_mr"] == outside
+    assert all(
+        any(name in r.getMessage() and "field of view" in r.getMessage() for r in caplog.records) for name in outside
+    )
+
+
 def test_refinement_steps_change_the_field_and_honour_point_pairs(phantom, network):
     mr = oblique_mr(phantom, sitk.Euler3DTransform())
     ct_point = np.mean(list(landmarks_from(phantom.labels).values()), axis=0)

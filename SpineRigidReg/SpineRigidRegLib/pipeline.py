@@ -44,6 +44,10 @@ CancelCallback = Callable[[], bool]
 #: Largest processing grid (voxels); bigger regions are processed at a coarser spacing instead of failing.
 MAX_GRID_VOXELS = 160 * 160 * 224
 
+#: A registered vertebra of which the MR shows less than this (%) is named in a warning and in the summary's
+#: ``vertebrae_outside_mr``: MR spine scans often cover fewer levels than the CT.
+MR_COVERAGE_WARN_PERCENT = 50.0
+
 
 @dataclass(frozen=True)
 class RegistrationSettings:
@@ -475,6 +479,7 @@ def register(
     rigid_fits = _vertebra_rigid_transforms(warped_labels_t, displacement, grid, pre)
     for row in rows:
         row["name"] = names.get(int(row["label"]), str(row["label"]))
+    _add_mr_coverage(rows, warped_labels_t, inside > 0)
     if fixed_landmarks is not None and moving_landmarks is not None:
         _add_landmark_errors(rows, composite, fixed_landmarks, moving_landmarks)
     field_stats = metrics.field_summary(displacement, spacing, mask=inside > 0, jacobian=jac_matrix)
@@ -491,6 +496,7 @@ def register(
         "vertebra_rigid_steps": settings.vertebra_rigid.steps if initial_velocity is None else 0,
         "refine_steps": settings.refine_steps,
         "started_from": "network" if initial_velocity is None else "previous result",
+        "vertebrae_outside_mr": [r["name"] for r in rows if r["mr_coverage_percent"] < MR_COVERAGE_WARN_PERCENT],
         "grid_shape": list(grid.shape),
         "grid_spacing_mm": list(grid.spacing),
     }
@@ -574,6 +580,25 @@ def _vertebra_rigid_transforms(
         matrix[:3, 3] = translation[0].numpy()
         out[value] = matrix
     return out
+
+
+def _add_mr_coverage(rows: list[dict], warped_labels: torch.Tensor, inside_mr: torch.Tensor) -> None:
+    """Add ``mr_coverage_percent`` to each row: how much of the registered vertebra the MR's field of view shows;
+    warn about the vertebrae below :data:`MR_COVERAGE_WARN_PERCENT`."""
+    flat = warped_labels.flatten().cpu()
+    size = int(flat.max()) + 1 if flat.numel() else 1
+    total = torch.bincount(flat, minlength=size)
+    shown = torch.bincount(flat[inside_mr.flatten().cpu()], minlength=size)
+    for row in rows:
+        v = int(row["label"])
+        row["mr_coverage_percent"] = 100.0 * int(shown[v]) / int(total[v]) if v < size and int(total[v]) else 0.0
+        if row["mr_coverage_percent"] < MR_COVERAGE_WARN_PERCENT:
+            log.warning(
+                "vertebra %s: only %.0f %% of it lies inside the MR's field of view, so the MR shows little of "
+                "how it aligns; check it, or leave it out (vertebra weight 0)",
+                row["name"],
+                row["mr_coverage_percent"],
+            )
 
 
 def _add_landmark_errors(

@@ -506,11 +506,15 @@ class SpineRigidRegLogic:
             return ""
         result = self.history[-1].result
         s = result.summary
-        return (
+        text = (
             f"device {s.get('device')}; pre-alignment: {result.prealign_method}; "
             f"folding voxels {s.get('folding_voxels')}; mean rigid DSC {s.get('rigid_dice_mean', float('nan')):.3f}; "
             f"{result.timings.get('total', float('nan')):.1f} s"
         )
+        outside = s.get("vertebrae_outside_mr") or []
+        if outside:
+            text += f"; mostly outside the MR's view (check them): {', '.join(outside)}"
+        return text
 
 
 def _completeNames(labels: sitk.Image, names: Mapping[int, str]) -> dict[int, str]:

@@ -32,6 +32,7 @@ TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("mean_displacement_mm", "Mean displacement (mm)", "double"),
     ("dice", "DSC", "double"),
     ("tre_mm", "TRE (mm)", "double"),
+    ("mr_coverage_percent", "In MR view (%)", "double"),
 )
 #: Columns holding the warped vertebra's centre (RAS mm), used to centre the views on a row.
 CENTRE_COLUMNS = ("R", "A", "S")

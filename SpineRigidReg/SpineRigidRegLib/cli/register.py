@@ -29,6 +29,7 @@ TABLE_COLUMNS = [
     ("mean_displacement_mm", "disp mm", "{:.2f}"),
     ("dice", "DSC", "{:.3f}"),
     ("tre_mm", "TRE mm", "{:.2f}"),
+    ("mr_coverage_percent", "in MR %", "{:.0f}"),
 ]
 
 
