@@ -73,7 +73,9 @@ kept, blue = compressed, red = expanded, gold = folding) with its legend, and a 
 to centre the views on that vertebra; <i>Show plot</i> charts the figures.</li>
 <li><b>Manual correction</b>: add corresponding points (a CT point and the MR point it must reach, same label or same
 order), raise or lower the rigidity of chosen vertebrae or exclude one (fracture, cut by the field of view), then
-<i>Re-run refinement</i>: it starts from the current result. <i>Undo</i> returns to the previous result.</li>
+<i>Re-run refinement</i>: it starts from the current result; each vertebra with point pairs on it first moves
+rigidly onto them, then the refinement steps (0 = none) bend what lies between. <i>Undo</i> returns to the previous
+result.</li>
 </ol>
 <p>The same engine runs without Slicer: <code>srr-register --help</code>. Sample data: Sample Data module,
 category SpineRigidReg.</p>
@@ -169,7 +171,7 @@ class SpineRigidRegParameterNode:
     foregroundOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     ctCorrectionPoints: Optional[vtkMRMLMarkupsFiducialNode]  # noqa: UP007, UP045 (parameterNodeWrapper reads typing.Union)
     mrCorrectionPoints: Optional[vtkMRMLMarkupsFiducialNode]  # noqa: UP007, UP045 (parameterNodeWrapper reads typing.Union)
-    correctionSteps: Annotated[int, WithinRange(1, 500)] = 30
+    correctionSteps: Annotated[int, WithinRange(0, 500)] = 30
     #: JSON {vertebra name: rigidity weight}; 0 excludes. Edited through the vertebra table.
     vertebraWeights: str = "{}"
 

@@ -82,8 +82,9 @@ def test_initial_row_is_the_rigid_prealignment(tiny_case):
 
 def test_displacement_on_grid_round_trips_a_field(tiny_case):
     geometry = tiny_case.geometry  # RAS-free LPS grid; the field conversion must be exact
-    transform = sitk.DisplacementFieldTransform(displacement_field_image(tiny_case.true_displacement.double(),
-                                                                         geometry))
+    transform = sitk.DisplacementFieldTransform(
+        displacement_field_image(tiny_case.true_displacement.double(), geometry)
+    )
     back = runner.displacement_on_grid(transform, geometry)
     assert torch.allclose(back, tiny_case.true_displacement, atol=1e-4)
 
@@ -128,13 +129,33 @@ def _fake_run() -> runner.BenchmarkRun:
     run = runner.BenchmarkRun()
     for case in ("a", "b"):
         for method, dice, seconds in ((runner.INITIAL, 0.5, 0.0), (runner.STARING, 0.7, 40.0), ("ours", 0.8, 4.0)):
-            run.case_rows.append({"case": case, "source": "phantom", "method": method, "status": "ok",
-                                  "runtime_s": seconds, "peak_memory_mb": 10.0, "device": "cpu",
-                                  "folding_voxels": 0, "sd_log_jacobian": 0.1})
+            run.case_rows.append(
+                {
+                    "case": case,
+                    "source": "phantom",
+                    "method": method,
+                    "status": "ok",
+                    "runtime_s": seconds,
+                    "peak_memory_mb": 10.0,
+                    "device": "cpu",
+                    "folding_voxels": 0,
+                    "sd_log_jacobian": 0.1,
+                }
+            )
             for label in (20, 21):
-                run.vertebra_rows.append({"case": case, "source": "phantom", "method": method, "label": label,
-                                          "dice": dice + (0.1 if label == 21 else 0.0), "rigid_dice": 0.9,
-                                          "abs_volume_change_percent": 2.0, "pc": 0.01, "tre_mm": 1.0})
+                run.vertebra_rows.append(
+                    {
+                        "case": case,
+                        "source": "phantom",
+                        "method": method,
+                        "label": label,
+                        "dice": dice + (0.1 if label == 21 else 0.0),
+                        "rigid_dice": 0.9,
+                        "abs_volume_change_percent": 2.0,
+                        "pc": 0.01,
+                        "tre_mm": 1.0,
+                    }
+                )
     return run
 
 
@@ -151,8 +172,9 @@ def test_markdown_table_gives_mean_sd_and_speed_relative_to_staring():
 
 def test_merge_replaces_only_the_rerun_rows():
     previous = _fake_run()
-    new = runner.BenchmarkRun(case_rows=[{"case": "a", "source": "phantom", "method": "ours", "status": "ok",
-                                          "runtime_s": 2.0}])
+    new = runner.BenchmarkRun(
+        case_rows=[{"case": "a", "source": "phantom", "method": "ours", "status": "ok", "runtime_s": 2.0}]
+    )
     merged = report.merge_results(previous, new, ["ours"])
     assert [r["runtime_s"] for r in merged.case_rows if r["method"] == "ours"] == [2.0]
     assert len([r for r in merged.case_rows if r["method"] == runner.STARING]) == 2
@@ -170,8 +192,22 @@ def test_srr_benchmark_end_to_end_on_two_tiny_phantoms(tmp_path, monkeypatch):
     save_checkpoint(tmp_path / "tiny.pt", RegistrationNet(TINY_NET))
     (tmp_path / "manifest.json").write_text(json.dumps([{"name": "tiny net", "checkpoint": "tiny.pt"}]))
     out, markdown = tmp_path / "bench", tmp_path / "BENCHMARKS.md"
-    common = ["--tiny", "--cases", "2", "--elastix-iterations", "3", "--threads", "1", "--device", "cpu",
-              "--out", str(out), "--markdown", str(markdown), "--quiet"]
+    common = [
+        "--tiny",
+        "--cases",
+        "2",
+        "--elastix-iterations",
+        "3",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--markdown",
+        str(markdown),
+        "--quiet",
+    ]
     assert benchmark_cli.main(common) == 0
     for name in (report.VERTEBRA_CSV, report.CASE_CSV, report.BOXPLOTS, report.PANELS_PNG, report.RUN_JSON):
         assert (out / name).is_file(), name
@@ -211,12 +247,43 @@ def test_srr_evaluate_on_a_registration_folder_matches_the_pipeline(tmp_path, ti
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "m.pt", RegistrationNet(TINY_NET))
     out = tmp_path / "result"
-    assert register_cli.main(["--fixed", str(paths["mr"]), "--moving", str(paths["ct"]), "--moving-labels",
-                              str(paths["ct_seg"]), "--model", str(tmp_path / "m.pt"), "--device", "cpu",
-                              "--refine-steps", "0", "--quiet", "--out", str(out)]) == 0
+    assert (
+        register_cli.main(
+            [
+                "--fixed",
+                str(paths["mr"]),
+                "--moving",
+                str(paths["ct"]),
+                "--moving-labels",
+                str(paths["ct_seg"]),
+                "--model",
+                str(tmp_path / "m.pt"),
+                "--device",
+                "cpu",
+                "--refine-steps",
+                "0",
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    assert evaluate_cli.main(["--result", str(out), "--moving-labels", str(paths["ct_seg"]), "--json",
-                              str(tmp_path / "eval.json"), "--quiet"]) == 0
+    assert (
+        evaluate_cli.main(
+            [
+                "--result",
+                str(out),
+                "--moving-labels",
+                str(paths["ct_seg"]),
+                "--json",
+                str(tmp_path / "eval.json"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "rigid DSC" in printed and "|J|<=0" in printed
     evaluated = {r["label"]: r for r in json.loads((tmp_path / "eval.json").read_text())["vertebrae"]}
@@ -227,9 +294,24 @@ def test_srr_evaluate_on_a_registration_folder_matches_the_pipeline(tmp_path, ti
         assert math.isclose(evaluated[label]["volume_change_percent"], row["volume_change_percent"], abs_tol=0.2)
         assert evaluated[label]["folding_voxels"] == row["folding_voxels"]
 
-    assert evaluate_cli.main(["--transform", str(paths["truth"]), "--moving-labels", str(paths["ct_seg"]),
-                              "--fixed-labels", str(paths["mr_seg"]), "--true-displacement", str(paths["truth"]),
-                              "--json", str(tmp_path / "truth.json"), "--quiet"]) == 0
+    assert (
+        evaluate_cli.main(
+            [
+                "--transform",
+                str(paths["truth"]),
+                "--moving-labels",
+                str(paths["ct_seg"]),
+                "--fixed-labels",
+                str(paths["mr_seg"]),
+                "--true-displacement",
+                str(paths["truth"]),
+                "--json",
+                str(tmp_path / "truth.json"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     truth_rows = json.loads((tmp_path / "truth.json").read_text())["vertebrae"]
     assert all(r["tre_mm"] < 1e-3 and r["dice"] >= 0.98 for r in truth_rows)
 

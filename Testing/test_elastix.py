@@ -27,8 +27,9 @@ def test_parameter_map_with_penalty_follows_par0004_weights():
     assert pm["Registration"] == ["MultiMetricMultiResolutionRegistration"]
     assert pm["MaximumNumberOfIterations"] == ["10", "20", "30"]
     assert pm["Metric1Weight"] == ["0.1"] * 3
-    assert [pm[k][0] for k in ("LinearityConditionWeight", "OrthonormalityConditionWeight",
-                               "PropernessConditionWeight")] == ["100.0", "1.0", "2.0"]
+    assert [
+        pm[k][0] for k in ("LinearityConditionWeight", "OrthonormalityConditionWeight", "PropernessConditionWeight")
+    ] == ["100.0", "1.0", "2.0"]
     assert pm["MovingRigidityImageName"] == ["/tmp/rigidity.mha"]
     assert pm["UseMovingRigidityImage"] == ["true"] and pm["UseFixedRigidityImage"] == ["false"]
     assert pm["FinalGridSpacingInPhysicalUnits"] == ["8.0"]
@@ -44,8 +45,15 @@ def test_parameter_map_without_penalty_has_no_rigidity_entries():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"iterations": 0}, {"iterations": (5, 5)}, {"resolutions": 0}, {"rigidity_weight": -1.0},
-     {"metric": "MeanSquares"}, {"threads": 0}, {"grid_spacing_mm": 0.0}],
+    [
+        {"iterations": 0},
+        {"iterations": (5, 5)},
+        {"resolutions": 0},
+        {"rigidity_weight": -1.0},
+        {"metric": "MeanSquares"},
+        {"threads": 0},
+        {"grid_spacing_mm": 0.0},
+    ],
 )
 def test_bad_settings_are_rejected(kwargs):
     with pytest.raises(InputError):
@@ -60,8 +68,16 @@ def test_penalty_needs_a_rigidity_image():
 def test_rigidity_image_marks_every_vertebra_on_the_moving_grid():
     phantom = make_phantom(num_vertebrae=3, shape=(40, 32, 32), seed=0)
     # Labels on a coarser grid than the CT: the rigidity image must come back on the CT grid.
-    coarse = sitk.Resample(phantom.labels, [16, 16, 20], sitk.Transform(), sitk.sitkNearestNeighbor,
-                           phantom.labels.GetOrigin(), [2.0, 2.0, 2.0], phantom.labels.GetDirection(), 0)
+    coarse = sitk.Resample(
+        phantom.labels,
+        [16, 16, 20],
+        sitk.Transform(),
+        sitk.sitkNearestNeighbor,
+        phantom.labels.GetOrigin(),
+        [2.0, 2.0, 2.0],
+        phantom.labels.GetDirection(),
+        0,
+    )
     image = rigidity_image(coarse, phantom.ct)
     assert Geometry.of(image).same_grid(Geometry.of(phantom.ct))
     values = np.unique(sitk.GetArrayViewFromImage(image))
@@ -93,7 +109,9 @@ def test_known_shift_is_recovered_with_the_right_sign_on_a_ras_grid():
     inside = image_to_tensor(phantom.labels, torch.int64) > 0
     for penalty in (False, True):
         result = elastix.register_elastix(
-            fixed, phantom.ct, phantom.labels,
+            fixed,
+            phantom.ct,
+            phantom.labels,
             ElastixSettings(rigidity_penalty=penalty, iterations=60, resolutions=2, threads=1, spatial_samples=2000),
         )
         u = result.displacement

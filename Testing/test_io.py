@@ -169,14 +169,16 @@ def test_slicer_ras_mrk_json_is_converted_to_lps(tmp_path: Path) -> None:
     content = {
         "@schema": "https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/Resources/"
         "Schema/markups-schema-v1.0.3.json#",
-        "markups": [{
-            "type": "Fiducial",
-            "coordinateSystem": "RAS",
-            "controlPoints": [
-                {"id": "1", "label": "L3", "position": [10.0, -20.0, 30.0], "positionStatus": "defined"},
-                {"id": "2", "label": "L4", "position": [0.0, 0.0, 0.0], "positionStatus": "undefined"},
-            ],
-        }],
+        "markups": [
+            {
+                "type": "Fiducial",
+                "coordinateSystem": "RAS",
+                "controlPoints": [
+                    {"id": "1", "label": "L3", "position": [10.0, -20.0, 30.0], "positionStatus": "defined"},
+                    {"id": "2", "label": "L4", "position": [0.0, 0.0, 0.0], "positionStatus": "undefined"},
+                ],
+            }
+        ],
     }
     (tmp_path / "a.mrk.json").write_text(json.dumps(content))
     read = io.read_landmarks(tmp_path / "a.mrk.json")
@@ -220,8 +222,11 @@ def test_csv_is_lps_unless_told_otherwise(tmp_path: Path) -> None:
         ("empty.csv", "label,x,y,z\n", "no points"),
         ("bad.mrk.json", "{not json", "not valid JSON"),
         ("nomarkups.mrk.json", '{"a": 1}', "markups"),
-        ("frame.mrk.json", '{"markups": [{"coordinateSystem": "IJK", "controlPoints": '
-         '[{"label": "L1", "position": [1, 2, 3]}]}]}', "coordinate system"),
+        (
+            "frame.mrk.json",
+            '{"markups": [{"coordinateSystem": "IJK", "controlPoints": [{"label": "L1", "position": [1, 2, 3]}]}]}',
+            "coordinate system",
+        ),
         ("points.xyz", "L1 1 2 3", "unknown format"),
     ],
 )

@@ -87,7 +87,9 @@ def test_folded_field_has_non_positive_determinant_exactly_where_it_folds():
 def test_jacobian_matches_a_numpy_gradient_reference_in_mm(spacing):
     gen = torch.Generator().manual_seed(7)
     field = F.interpolate(
-        2.0 * torch.randn(1, 3, 3, 4, 3, generator=gen, dtype=torch.float64), size=SHAPE, mode="trilinear",
+        2.0 * torch.randn(1, 3, 3, 4, 3, generator=gen, dtype=torch.float64),
+        size=SHAPE,
+        mode="trilinear",
         align_corners=True,
     )
     field_mm = field[0].numpy() * np.asarray(spacing).reshape(3, 1, 1, 1)
@@ -127,18 +129,34 @@ BAD_INPUTS = [
     ("gradient 2 spacings", lambda: spatial_gradient(torch.zeros(1, 1, 4, 5, 6), (1.0, 1.0)), InputError, "spacing"),
     ("jacobian 2 channels", lambda: jacobian_matrix(torch.zeros(1, 2, 4, 5, 6)), InputError, "3 channel"),
     ("jacobian nan", lambda: jacobian_matrix(_nan_field()), InputError, "NaN"),
-    ("jacobian negative spacing", lambda: jacobian_matrix(torch.zeros(1, 3, 4, 5, 6), (1, -1, 1)), InputError,
-     "spacing"),
-    ("jacobian nan spacing", lambda: jacobian_matrix(torch.zeros(1, 3, 4, 5, 6), (1, float("nan"), 1)), InputError,
-     "spacing"),
+    (
+        "jacobian negative spacing",
+        lambda: jacobian_matrix(torch.zeros(1, 3, 4, 5, 6), (1, -1, 1)),
+        InputError,
+        "spacing",
+    ),
+    (
+        "jacobian nan spacing",
+        lambda: jacobian_matrix(torch.zeros(1, 3, 4, 5, 6), (1, float("nan"), 1)),
+        InputError,
+        "spacing",
+    ),
     ("determinant of a field", lambda: jacobian_determinant(_nan_field()), InputError, "NaN"),
-    ("determinant int", lambda: jacobian_determinant(torch.zeros(1, 3, 4, 5, 6, dtype=torch.int32)), TypeError,
-     "floating"),
+    (
+        "determinant int",
+        lambda: jacobian_determinant(torch.zeros(1, 3, 4, 5, 6, dtype=torch.int32)),
+        TypeError,
+        "floating",
+    ),
     ("determinant of 5-D", lambda: determinant(torch.zeros(1, 3, 4, 5, 6)), InputError, r"\(B, 3, 3, D, H, W\)"),
     ("determinant of 2x3", lambda: determinant(torch.zeros(1, 2, 3, 4, 5, 6)), InputError, r"\(B, 3, 3, D, H, W\)"),
     ("residual of 5-D", lambda: orthonormality_residual(torch.zeros(1, 3, 4, 5, 6)), InputError, "6-D"),
-    ("residual int", lambda: orthonormality_residual(torch.zeros(1, 3, 3, 4, 5, 6, dtype=torch.long)), TypeError,
-     "floating"),
+    (
+        "residual int",
+        lambda: orthonormality_residual(torch.zeros(1, 3, 3, 4, 5, 6, dtype=torch.long)),
+        TypeError,
+        "floating",
+    ),
 ]
 
 

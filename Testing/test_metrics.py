@@ -147,8 +147,18 @@ def test_vertebra_table_and_summaries():
     fixed = warp_labels(torch.from_numpy(labels.astype(np.int64))[None, None], field)
     rows = vertebra_table(labels, field, SPACING, fixed_labels=fixed, true_displacement=field)
     assert [row["label"] for row in rows] == [4, 9]
-    expected = {"label", "voxels", "dice", "rigid_dice", "volume_change_percent", "pc", "oc", "folding_voxels",
-                "mean_displacement_mm", "tre_mm"}
+    expected = {
+        "label",
+        "voxels",
+        "dice",
+        "rigid_dice",
+        "volume_change_percent",
+        "pc",
+        "oc",
+        "folding_voxels",
+        "mean_displacement_mm",
+        "tre_mm",
+    }
     for row in rows:
         assert set(row) == expected
         assert row["voxels"] == 5 * 8 * 7
@@ -181,8 +191,13 @@ def test_vertebra_table_and_summaries():
 def test_bad_inputs_raise():
     labels = two_vertebrae()
     field = torch.zeros(1, 3, *SHAPE)
-    per_vertebra = (rigid_dice_per_label, volume_change_percent, properness_metric, orthonormality_metric,
-                    vertebra_table)
+    per_vertebra = (
+        rigid_dice_per_label,
+        volume_change_percent,
+        properness_metric,
+        orthonormality_metric,
+        vertebra_table,
+    )
     for fn in per_vertebra:
         with pytest.raises(InputError):
             fn(np.stack([labels, labels])[:, None], field)  # two samples

@@ -174,11 +174,7 @@ def test_ui_is_valid_and_every_widget_the_module_uses_exists(module_ast, ui_root
 def test_every_bound_widget_names_a_parameter_of_the_parameter_node(module_ast, ui_root):
     node = classes(module_ast)["SpineRigidRegParameterNode"]
     parameters = {s.target.id for s in node.body if isinstance(s, ast.AnnAssign)}
-    bound = {
-        prop.findtext("string")
-        for prop in ui_root.iter("property")
-        if prop.get("name") == "SlicerParameterName"
-    }
+    bound = {prop.findtext("string") for prop in ui_root.iter("property") if prop.get("name") == "SlicerParameterName"}
     assert bound and bound <= parameters, sorted(bound - parameters)
     assert {"ctVolume", "ctSegmentation", "mrVolume", "refineSteps", "device", "rigidityPreset"} <= bound
 
@@ -187,13 +183,15 @@ def test_sample_case_files_match_the_core_and_the_help_explains_the_workflow(mod
     from SpineRigidRegLib.cli.register import SAMPLE_FILES
 
     sample = next(
-        n.value for n in module_ast.body
+        n.value
+        for n in module_ast.body
         if isinstance(n, ast.Assign) and any(getattr(t, "id", "") == "SAMPLE_CASE" for t in n.targets)
     )
     files = {entry.elts[0].value for entry in sample.elts}
     assert files == set(SAMPLE_FILES.values())
     help_text = next(
-        n.value.value for n in module_ast.body
+        n.value.value
+        for n in module_ast.body
         if isinstance(n, ast.Assign) and any(getattr(t, "id", "") == "HELP_TEXT" for t in n.targets)
     )
     for word in ("Apply", "Cancel", "Undo", "Re-run refinement", "transform", "det J", "Sample Data", "PyTorch"):

@@ -67,11 +67,13 @@ def test_plausible_hu_per_tissue(phantom) -> None:
 
 def test_geometry_and_anisotropic_spacing() -> None:
     direction = (0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0)
-    p = make_phantom(num_vertebrae=2, shape=(24, 30, 36), spacing=(1.5, 1.25, 2.0), origin=(5.0, -3.0, 7.5),
-                     direction=direction)
+    p = make_phantom(
+        num_vertebrae=2, shape=(24, 30, 36), spacing=(1.5, 1.25, 2.0), origin=(5.0, -3.0, 7.5), direction=direction
+    )
     for image in (p.ct, p.labels, p.tissues):
-        assert Geometry.of(image) == Geometry(shape=(24, 30, 36), spacing=(1.5, 1.25, 2.0), origin=(5.0, -3.0, 7.5),
-                                              direction=direction)
+        assert Geometry.of(image) == Geometry(
+            shape=(24, 30, 36), spacing=(1.5, 1.25, 2.0), origin=(5.0, -3.0, 7.5), direction=direction
+        )
     for name, value in (("L1", 20), ("L2", 21)):
         assert p.labels[p.labels.TransformPhysicalPointToIndex(p.landmarks[name].tolist())] == value
 
@@ -94,8 +96,11 @@ def test_same_seed_same_phantom_and_seed_matters() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"num_vertebrae": 0}, "num_vertebrae"), ({"shape": (4, 40, 40)}, "shape"),
-     ({"num_vertebrae": 4, "top_label": 22}, "VerSe range")],
+    [
+        ({"num_vertebrae": 0}, "num_vertebrae"),
+        ({"shape": (4, 40, 40)}, "shape"),
+        ({"num_vertebrae": 4, "top_label": 22}, "VerSe range"),
+    ],
 )
 def test_bad_arguments(kwargs: dict, message: str) -> None:
     with pytest.raises(InputError, match=message):

@@ -188,6 +188,39 @@ def test_refinement_steps_change_the_field_and_honour_point_pairs(phantom, netwo
     assert np.linalg.norm(after - target_ct) < np.linalg.norm(before - target_ct)
 
 
+def test_point_pairs_on_a_vertebra_move_it_rigidly_on_a_re_run_without_dense_refinement(phantom, network):
+    """The manual correction: point pairs on one vertebra, re-run from the previous result with no dense step. The
+    vertebra-wise stage runs again with the pairs: that vertebra follows them (4 mm, more than its optimiser's steps
+    travel) and stays rigid, the others stay where they were."""
+    mr = oblique_mr(phantom, sitk.Euler3DTransform())
+    settings = pipeline.RegistrationSettings(device="cpu", refine_steps=0, margin_mm=8.0)
+    velocity = torch.zeros_like(
+        pipeline.register(mr, phantom.ct, phantom.labels, settings=FAST, network=network).velocity
+    )
+    first = pipeline.register(  # the pre-alignment alone: a rigid map to correct
+        mr, phantom.ct, phantom.labels, settings=settings, network=network, initial_velocity=velocity
+    )
+    centres = label_centroids(phantom.labels)
+    chosen = sorted(centres)[1]
+    shift = np.array([0.0, 4.0, 0.0])  # mm: the user says the vertebra lies 4 mm further along -y in the MR
+    offsets = [np.array(o, dtype=float) for o in ((0, 0, 0), (6, 0, 0), (0, -6, 0), (0, 0, 4))]  # inside it
+    mr_points = [np.asarray(centres[chosen]) - shift + o for o in offsets]
+    pairs = [(np.asarray(first.transform.TransformPoint(tuple(p))) + shift, p) for p in mr_points]
+    second = pipeline.register(
+        mr, phantom.ct, phantom.labels, settings=settings, network=network, initial_velocity=velocity, point_pairs=pairs
+    )
+    errors = [np.linalg.norm(np.asarray(second.transform.TransformPoint(tuple(p))) - ct) for ct, p in pairs]
+    assert max(errors) < 0.5, errors  # mm, of a 4 mm correction
+    rows = {row["label"]: row for row in second.vertebrae}
+    assert rows[chosen]["rigid_dice"] > 0.98
+    for value, centre in centres.items():
+        if value != chosen:
+            moved = np.asarray(second.transform.TransformPoint(tuple(centre))) - first.transform.TransformPoint(
+                tuple(centre)
+            )
+            assert np.linalg.norm(moved) < 0.7, (value, moved)
+
+
 def test_progress_is_monotonic_and_cancel_raises(phantom, network):
     mr = oblique_mr(phantom, sitk.Euler3DTransform())
     fractions = []

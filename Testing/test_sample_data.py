@@ -54,8 +54,14 @@ def test_files_present_small_and_documented() -> None:
     assert total < 3e6, f"sample folder is {total / 1e6:.1f} MB"
     assert "Apache License" in (SAMPLE / "LICENSE-TotalSegmentator.txt").read_text(encoding="utf-8")
     provenance = (SAMPLE / "PROVENANCE.md").read_text(encoding="utf-8")
-    for needed in ("Apache", "example_ct.nii.gz", "example_seg.nii.gz", "scripts/make_sample_data.py", "seed",
-                   "synthetic"):
+    for needed in (
+        "Apache",
+        "example_ct.nii.gz",
+        "example_seg.nii.gz",
+        "scripts/make_sample_data.py",
+        "seed",
+        "synthetic",
+    ):
         assert needed in provenance, f"PROVENANCE.md does not mention {needed!r}"
 
 

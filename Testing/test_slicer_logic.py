@@ -284,8 +284,12 @@ def test_label_map_volume_is_accepted_as_segmentation_and_fractions_are_refused(
 def test_composite_transform_node_maps_points_as_the_core_field_says(tmp_path):
     """Oblique, anisotropic field grid + a rigid pre-alignment: node mapping == ITK composite to < 0.5 mm."""
     scene = new_scene()
-    grid = Geometry(shape=(9, 10, 11), spacing=(2.0, 2.5, 3.0), origin=(-20.0, 10.0, -15.0),
-                    direction=tuple(oblique_direction((10.0, 25.0, -20.0)).ravel()))
+    grid = Geometry(
+        shape=(9, 10, 11),
+        spacing=(2.0, 2.5, 3.0),
+        origin=(-20.0, 10.0, -15.0),
+        direction=tuple(oblique_direction((10.0, 25.0, -20.0)).ravel()),
+    )
     k, j, i = np.meshgrid(*[np.arange(s) for s in grid.shape], indexing="ij")
     lps = np.stack([4.0 * np.sin(k / 3.0), -3.0 * np.cos(j / 4.0), 2.5 * np.sin(i / 2.0 + k / 5.0)], -1)
     field = grid.apply_to(sitk.GetImageFromArray(lps.astype(np.float64), isVector=True))
@@ -428,8 +432,15 @@ def test_cancelled_run_leaves_the_scene_as_it_was(scene_case, network):
             return calls["n"] >= limit
 
         with pytest.raises(CancelledError):
-            logic.run(ct, segmentation, mr, ctLandmarks=ct_centres, mrLandmarks=mr_centres, settings=FAST,
-                      shouldCancel=should_cancel)
+            logic.run(
+                ct,
+                segmentation,
+                mr,
+                ctLandmarks=ct_centres,
+                mrLandmarks=mr_centres,
+                settings=FAST,
+                shouldCancel=should_cancel,
+            )
         assert [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())] == ids
     assert logic.history == [] and logic.outputs is None
 
@@ -557,18 +568,48 @@ def sample_scene():
         pytest.skip(f"the bundled sample case is absent ({SAMPLE})")
     scene = new_scene()
     loaded = {
-        "ct": read_with_slicer(scene, "vtkMRMLScalarVolumeNode", slicer.vtkMRMLVolumeArchetypeStorageNode(),
-                               SAMPLE / "ct.nii.gz", "SpineRigidReg CT"),
-        "mr": read_with_slicer(scene, "vtkMRMLScalarVolumeNode", slicer.vtkMRMLVolumeArchetypeStorageNode(),
-                               SAMPLE / "mr.nii.gz", "SpineRigidReg MR"),
-        "ctSeg": read_with_slicer(scene, "vtkMRMLSegmentationNode", slicer.vtkMRMLSegmentationStorageNode(),
-                                  SAMPLE / "ct_vertebrae.nii.gz", "SpineRigidReg CT vertebrae"),
-        "mrSeg": read_with_slicer(scene, "vtkMRMLSegmentationNode", slicer.vtkMRMLSegmentationStorageNode(),
-                                  SAMPLE / "mr_vertebrae.nii.gz", "SpineRigidReg MR vertebrae"),
-        "ctPts": read_with_slicer(scene, "vtkMRMLMarkupsFiducialNode", slicer.vtkMRMLMarkupsJsonStorageNode(),
-                                  SAMPLE / "ct_landmarks.mrk.json", "SpineRigidReg CT centres"),
-        "mrPts": read_with_slicer(scene, "vtkMRMLMarkupsFiducialNode", slicer.vtkMRMLMarkupsJsonStorageNode(),
-                                  SAMPLE / "mr_landmarks.mrk.json", "SpineRigidReg MR centres"),
+        "ct": read_with_slicer(
+            scene,
+            "vtkMRMLScalarVolumeNode",
+            slicer.vtkMRMLVolumeArchetypeStorageNode(),
+            SAMPLE / "ct.nii.gz",
+            "SpineRigidReg CT",
+        ),
+        "mr": read_with_slicer(
+            scene,
+            "vtkMRMLScalarVolumeNode",
+            slicer.vtkMRMLVolumeArchetypeStorageNode(),
+            SAMPLE / "mr.nii.gz",
+            "SpineRigidReg MR",
+        ),
+        "ctSeg": read_with_slicer(
+            scene,
+            "vtkMRMLSegmentationNode",
+            slicer.vtkMRMLSegmentationStorageNode(),
+            SAMPLE / "ct_vertebrae.nii.gz",
+            "SpineRigidReg CT vertebrae",
+        ),
+        "mrSeg": read_with_slicer(
+            scene,
+            "vtkMRMLSegmentationNode",
+            slicer.vtkMRMLSegmentationStorageNode(),
+            SAMPLE / "mr_vertebrae.nii.gz",
+            "SpineRigidReg MR vertebrae",
+        ),
+        "ctPts": read_with_slicer(
+            scene,
+            "vtkMRMLMarkupsFiducialNode",
+            slicer.vtkMRMLMarkupsJsonStorageNode(),
+            SAMPLE / "ct_landmarks.mrk.json",
+            "SpineRigidReg CT centres",
+        ),
+        "mrPts": read_with_slicer(
+            scene,
+            "vtkMRMLMarkupsFiducialNode",
+            slicer.vtkMRMLMarkupsJsonStorageNode(),
+            SAMPLE / "mr_landmarks.mrk.json",
+            "SpineRigidReg MR centres",
+        ),
     }
     return scene, loaded
 
@@ -603,8 +644,15 @@ def test_whole_workflow_on_the_sample_case_through_slicer_nodes(sample_scene, ne
     logic = SpineRigidRegLogic(scene)
     logic.network = network  # untrained: geometry and plumbing are checked here, accuracy by the benchmark
     count = scene.GetNumberOfNodes()
-    out = logic.run(n["ct"], n["ctSeg"], n["mr"], n["mrSeg"], n["ctPts"], n["mrPts"],
-                    settings=replace(makeSettings(refineSteps=1, device="cpu"), margin_mm=8.0))
+    out = logic.run(
+        n["ct"],
+        n["ctSeg"],
+        n["mr"],
+        n["mrSeg"],
+        n["ctPts"],
+        n["mrPts"],
+        settings=replace(makeSettings(refineSteps=1, device="cpu"), margin_mm=8.0),
+    )
     result = logic.history[-1].result
     assert result.prealign_method == "landmarks"
     table = scene.GetNodeByID(out.table)

@@ -41,8 +41,14 @@ def _rotation(degrees) -> np.ndarray:
 PHANTOMS = {
     "axial": dict(num_vertebrae=3, shape=(48, 40, 40), seed=3),
     # Oblique direction, anisotropic voxels, an origin away from 0: the LPS conversions must hold.
-    "oblique": dict(num_vertebrae=3, shape=(40, 36, 36), spacing=(1.2, 1.0, 1.5), seed=4,
-                    direction=_rotation([10.0, -5.0, 20.0]).ravel(), origin=(10.0, -20.0, 30.0)),
+    "oblique": dict(
+        num_vertebrae=3,
+        shape=(40, 36, 36),
+        spacing=(1.2, 1.0, 1.5),
+        seed=4,
+        direction=_rotation([10.0, -5.0, 20.0]).ravel(),
+        origin=(10.0, -20.0, 30.0),
+    ),
 }
 
 
@@ -127,8 +133,9 @@ def test_true_field_has_positive_jacobian_everywhere(seed) -> None:
     phantom = make_phantom(num_vertebrae=4, shape=(48, 36, 36), seed=seed, curvature_deg=25.0)
     labels = image_to_tensor(phantom.labels, torch.int64)
     # Larger motions than the defaults, to stress the poly-rigid blending.
-    settings = SynthesisSettings(max_flexion_deg=8.0, max_lateral_bending_deg=6.0, max_axial_rotation_deg=4.0,
-                                 soft_tissue_amplitude_mm=3.0)
+    settings = SynthesisSettings(
+        max_flexion_deg=8.0, max_lateral_bending_deg=6.0, max_axial_rotation_deg=4.0, soft_tissue_amplitude_mm=3.0
+    )
     u = vertebra_motion(labels, None, settings, torch.Generator().manual_seed(seed))
     det = jacobian_determinant(u)
     assert float(det.min()) > 0.0
@@ -141,8 +148,9 @@ def test_motion_is_chained_and_bounded() -> None:
     labels = image_to_tensor(phantom.labels, torch.int64)
     settings = SynthesisSettings()
     _, maps = vertebra_motion(labels, None, settings, torch.Generator().manual_seed(5), return_transforms=True)
-    limit = math.radians(math.hypot(settings.max_flexion_deg, settings.max_lateral_bending_deg,
-                                    settings.max_axial_rotation_deg))
+    limit = math.radians(
+        math.hypot(settings.max_flexion_deg, settings.max_lateral_bending_deg, settings.max_axial_rotation_deg)
+    )
     values = sorted(maps)
     angles = []
     for a, b in zip(values[:-1], values[1:]):
@@ -236,8 +244,11 @@ def test_mr_contrast_is_t1_like(use_tissue_map) -> None:
         assert not np.array_equal(order_ct, order_mr)
         # Voxel-wise: the CT-MR correlation is positive between air and muscle, negative between fat and muscle
         # and inside bone (dense cortex dark, marrow bright).
-        for classes, sign in (((Tissue.BACKGROUND, Tissue.MUSCLE), 1), ((Tissue.FAT, Tissue.MUSCLE), -1),
-                              ((Tissue.CORTICAL, Tissue.MARROW), -1)):
+        for classes, sign in (
+            ((Tissue.BACKGROUND, Tissue.MUSCLE), 1),
+            ((Tissue.FAT, Tissue.MUSCLE), -1),
+            ((Tissue.CORTICAL, Tissue.MARROW), -1),
+        ):
             region = np.isin(tissue_array, classes)
             r = np.corrcoef(ct[0, 0].numpy()[region], mr[0, 0].numpy()[region])[0, 1]
             assert r * sign > 0.3, f"CT-MR correlation over {[c.name for c in classes]}: {r:.2f}"
@@ -246,9 +257,13 @@ def test_mr_contrast_is_t1_like(use_tissue_map) -> None:
 def test_cortical_bone_is_dark_with_tissue_map() -> None:
     phantom = make_phantom(num_vertebrae=3, shape=(40, 48, 48), seed=1, noise_hu=5.0)
     tissues = image_to_tensor(phantom.tissues, torch.int64)
-    mr = mr_contrast(image_to_tensor(phantom.ct), None, tissues,
-                     SynthesisSettings(bias_strength=0.0, blur_mm=(0.0, 0.0), slice_thickness_mm=0.0),
-                     torch.Generator().manual_seed(0))
+    mr = mr_contrast(
+        image_to_tensor(phantom.ct),
+        None,
+        tissues,
+        SynthesisSettings(bias_strength=0.0, blur_mm=(0.0, 0.0), slice_thickness_mm=0.0),
+        torch.Generator().manual_seed(0),
+    )
     t = tissues[0, 0].numpy()
     cortical = float(mr[0, 0].numpy()[t == Tissue.CORTICAL].mean())
     marrow = float(mr[0, 0].numpy()[t == Tissue.MARROW].mean())
@@ -265,8 +280,9 @@ def _lag_one_correlation(volume: np.ndarray, axis: int) -> float:
 def test_thick_slices_blur_along_the_slice_axis_only(axis) -> None:
     generator = torch.Generator().manual_seed(axis)
     noise = torch.rand(1, 1, 32, 32, 32, generator=generator)
-    settings = SynthesisSettings(slice_thickness_mm=4.0, slice_axis=axis, blur_mm=(0.0, 0.0), bias_strength=0.0,
-                                 noise_std=(0.0, 0.0))
+    settings = SynthesisSettings(
+        slice_thickness_mm=4.0, slice_axis=axis, blur_mm=(0.0, 0.0), bias_strength=0.0, noise_std=(0.0, 0.0)
+    )
     out = acquire(noise, (1.0, 1.0, 1.0), settings, torch.Generator().manual_seed(0))[0, 0].numpy()
     assert out.min() >= 0.0 and out.max() <= 1.0
     for a in range(3):
@@ -275,17 +291,23 @@ def test_thick_slices_blur_along_the_slice_axis_only(axis) -> None:
             assert correlation > 0.6, f"slice axis {a}: lag-1 correlation {correlation:.2f}"
         else:
             assert abs(correlation) < 0.1, f"in-plane axis {a}: lag-1 correlation {correlation:.2f}"
-    thin = acquire(noise, (1.0, 1.0, 1.0), SynthesisSettings(slice_thickness_mm=0.0, slice_axis=axis,
-                                                             blur_mm=(0.0, 0.0), bias_strength=0.0,
-                                                             noise_std=(0.0, 0.0)), torch.Generator())
+    thin = acquire(
+        noise,
+        (1.0, 1.0, 1.0),
+        SynthesisSettings(
+            slice_thickness_mm=0.0, slice_axis=axis, blur_mm=(0.0, 0.0), bias_strength=0.0, noise_std=(0.0, 0.0)
+        ),
+        torch.Generator(),
+    )
     assert abs(_lag_one_correlation(thin[0, 0].numpy(), axis)) < 0.1
 
 
 def test_slice_thickness_is_in_mm() -> None:
     """4 mm slices on 2 mm voxels average pairs of voxels: a weaker correlation than 4 mm on 1 mm voxels."""
     noise = torch.rand(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(1))
-    settings = SynthesisSettings(slice_thickness_mm=4.0, slice_axis=0, blur_mm=(0.0, 0.0), bias_strength=0.0,
-                                 noise_std=(0.0, 0.0))
+    settings = SynthesisSettings(
+        slice_thickness_mm=4.0, slice_axis=0, blur_mm=(0.0, 0.0), bias_strength=0.0, noise_std=(0.0, 0.0)
+    )
     fine = acquire(noise, (1.0, 1.0, 1.0), settings, torch.Generator())[0, 0].numpy()
     coarse = acquire(noise, (2.0, 1.0, 1.0), settings, torch.Generator())[0, 0].numpy()
     assert _lag_one_correlation(coarse, 0) < _lag_one_correlation(fine, 0) - 0.1
@@ -369,8 +391,9 @@ def test_same_pair_on_cuda() -> None:
     assert float((cpu.true_displacement - gpu.true_displacement).abs().max()) < 1e-2
     a, b = sitk.GetArrayFromImage(cpu.fixed), sitk.GetArrayFromImage(gpu.fixed)
     assert float(np.abs(a - b).mean()) < 1e-2
-    dice = metrics.dice_per_label(image_to_tensor(cpu.fixed_labels, torch.int64),
-                                  image_to_tensor(gpu.fixed_labels, torch.int64))
+    dice = metrics.dice_per_label(
+        image_to_tensor(cpu.fixed_labels, torch.int64), image_to_tensor(gpu.fixed_labels, torch.int64)
+    )
     assert min(dice.values()) >= 0.99
 
 

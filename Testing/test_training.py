@@ -525,7 +525,11 @@ def bundled_scores(bundled) -> dict[str, float]:
     data = DataConfig(crop_size=(64, 64, 64), synth_size=(64, 64, 64), phantom_vertebrae=(3, 4))
     synthesis = TrainConfig().synthesis
     scores: dict[str, list[float]] = {
-        "initial": [], "network": [], "pipeline": [], "rigid_network": [], "rigid_pipeline": []
+        "initial": [],
+        "network": [],
+        "pipeline": [],
+        "rigid_network": [],
+        "rigid_pipeline": [],
     }
     for seed in (11, 12):
         pair = center_crop(make_pair("phantom", seed, data, synthesis), data.crop_size)

@@ -11,8 +11,19 @@ from SpineRigidRegLib.errors import InputError
 
 @pytest.mark.parametrize(
     ("label", "name"),
-    [(25, "sacrum"), (26, "S1"), (27, "L5"), (30, "L2"), (31, "L1"), (32, "T12"), (33, "T11"), (43, "T1"),
-     (44, "C7"), (49, "C2"), (50, "C1")],
+    [
+        (25, "sacrum"),
+        (26, "S1"),
+        (27, "L5"),
+        (30, "L2"),
+        (31, "L1"),
+        (32, "T12"),
+        (33, "T11"),
+        (43, "T1"),
+        (44, "C7"),
+        (49, "C2"),
+        (50, "C1"),
+    ],
 )
 def test_totalsegmentator_names(label: int, name: str) -> None:
     assert vt.vertebra_name(label, "totalsegmentator") == name
@@ -21,8 +32,7 @@ def test_totalsegmentator_names(label: int, name: str) -> None:
 
 @pytest.mark.parametrize(
     ("label", "name"),
-    [(1, "C1"), (7, "C7"), (8, "T1"), (19, "T12"), (20, "L1"), (24, "L5"), (25, "L6"), (26, "sacrum"),
-     (28, "T13")],
+    [(1, "C1"), (7, "C7"), (8, "T1"), (19, "T12"), (20, "L1"), (24, "L5"), (25, "L6"), (26, "sacrum"), (28, "T13")],
 )
 def test_verse_names(label: int, name: str) -> None:
     assert vt.vertebra_name(label, "verse") == name

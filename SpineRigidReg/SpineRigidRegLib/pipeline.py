@@ -276,7 +276,8 @@ def register_prealigned(
         spacing: mm per voxel, array order ``(D, H, W)``.
         network: The registration network (its device is used).
         initial_velocity: Start refinement from this velocity instead of running the network.
-        point_pairs: Full-grid voxel coordinates ``(fixed (N, 3), target (N, 3))`` for the refinement.
+        point_pairs: Full-grid voxel coordinates ``(fixed (N, 3), target (N, 3))`` for the vertebra-wise rigid
+            alignment (also on a re-run from ``initial_velocity``) and the dense refinement.
         fixed_mask, moving_mask: ``(1, 1, D, H, W)``: where the MR and the (pre-aligned) CT have data; the
             optimisations compare the images only where both do (``None``: everywhere).
 
@@ -298,10 +299,11 @@ def register_prealigned(
     timings["network"] = time.perf_counter() - start
     _check_cancel(should_cancel)
     start = time.perf_counter()
-    rigid_share = 0.0
-    if initial_velocity is None and settings.vertebra_rigid.steps > 0:
-        rigid_share = 1.0 if settings.refine_steps == 0 else 0.5
-    if initial_velocity is None:  # a re-run from a previous result keeps that result's vertebra motions
+    # A re-run from a previous result keeps that result's vertebra motions, unless point pairs correct them: each
+    # vertebra then follows the points on it rigidly (the dense refinement after it bends what lies between).
+    rigid = settings.vertebra_rigid.steps > 0 and (initial_velocity is None or point_pairs is not None)
+    rigid_share = (1.0 if settings.refine_steps == 0 else 0.5) if rigid else 0.0
+    if rigid:
         velocity, _ = refine_vertebrae_rigidly(
             velocity,
             fixed,
@@ -313,6 +315,7 @@ def register_prealigned(
             vertebra_weights=settings.vertebra_weights,
             fixed_mask=fixed_mask,
             moving_mask=moving_mask,
+            point_pairs=point_pairs,
             progress=None if progress is None else lambda f, m: progress(rigid_share * f, m),
             should_cancel=should_cancel,
         )
@@ -382,7 +385,9 @@ def register(
         settings: See :class:`RegistrationSettings`.
         network: A loaded network; ``None`` loads ``settings.model_path`` or the bundled model.
         initial_velocity: Velocity of a previous result: skip the network and refine from it.
-        point_pairs: ``(CT LPS point, MR LPS point)`` pairs the refinement must bring together.
+        point_pairs: ``(CT LPS point, MR LPS point)`` pairs the registration must bring together: each vertebra
+            follows the pairs on it rigidly (the vertebra-wise stage runs again on a re-run from
+            ``initial_velocity``), the dense refinement (``settings.refine_steps``) also those between vertebrae.
         progress: Called with ``(fraction in [0, 1], stage message)``.
         should_cancel: Polled between stages and refinement steps; True raises :class:`CancelledError`.
 

@@ -183,8 +183,11 @@ class SpineRigidRegLogic:
         if ctVolume is None or mrVolume is None or ctSegmentation is None:
             missing = [
                 name
-                for name, node in (("CT volume", ctVolume), ("CT vertebra segmentation", ctSegmentation),
-                                   ("MR volume", mrVolume))
+                for name, node in (
+                    ("CT volume", ctVolume),
+                    ("CT vertebra segmentation", ctSegmentation),
+                    ("MR volume", mrVolume),
+                )
                 if node is None
             ]
             raise InputError(f"select the {', '.join(missing)}")
@@ -300,7 +303,9 @@ class SpineRigidRegLogic:
         refineSteps: int | None = None,
         weights: Mapping[str, float] | None = None,
     ) -> tuple[RegistrationInputs, RegistrationSettings, list, torch.Tensor]:
-        """What :meth:`compute` needs to re-run the refinement from the current result (main thread).
+        """What :meth:`compute` needs to re-run the refinement from the current result (main thread): with point
+        pairs the vertebra-wise rigid stage runs again and moves each vertebra rigidly onto the pairs on it, then
+        ``refineSteps`` dense steps (0 = none) bend what lies between.
 
         Returns:
             ``(inputs, settings, point pairs, initial velocity)``.
@@ -323,8 +328,8 @@ class SpineRigidRegLogic:
         if weights:
             changes["refine_weights"] = replace(settings.refine_weights, **{k: float(v) for k, v in weights.items()})
         settings = replace(settings, **changes)
-        if settings.refine_steps < 1:
-            raise InputError("set at least one refinement step to re-run the refinement")
+        if settings.refine_steps < 1 and not pairs:
+            raise InputError("place CT/MR point pairs or set at least one refinement step to re-run the refinement")
         return current.inputs, settings, pairs, current.result.velocity
 
     # ---------------------------------------------------------------------------------------------- outputs
