@@ -198,6 +198,7 @@ def _rewritten(path, array, tmp_path, name):
         ("disjoint_labels", "overlap"),
         ("unmatched_landmarks", "do not match"),
         ("far_landmarks", "overlap"),
+        ("unmatched_point_pairs", "only one of"),
     ],
 )
 def test_bad_content_gives_one_line_and_no_output(case, tmp_path, capsys, problem, message):
@@ -244,6 +245,10 @@ def test_bad_content_gives_one_line_and_no_output(case, tmp_path, capsys, proble
             "--fixed-landmarks",
             str(write_landmarks(mr_points, tmp_path / "mr.mrk.json")),
         ]
+    elif problem == "unmatched_point_pairs":
+        ct_file = write_landmarks({"a": np.zeros(3), "b": np.ones(3)}, tmp_path / "ct_fix.mrk.json")
+        mr_file = write_landmarks({"a": np.zeros(3), "c": np.ones(3)}, tmp_path / "mr_fix.mrk.json")
+        extra = ["--point-pairs", str(ct_file), str(mr_file)]
     out = tmp_path / "out"
     args = [f"--{k}={v}" for k, v in paths.items()]
     args += ["--model", str(case["model"]), "--device", "cpu", "--refine-steps", "0", "--quiet", "--out", str(out)]
@@ -253,3 +258,26 @@ def test_bad_content_gives_one_line_and_no_output(case, tmp_path, capsys, proble
     assert err.startswith("error:") and "\n" not in err and "Traceback" not in err
     assert message in err
     assert not out.exists() or not any(p for p in out.iterdir() if not p.name.startswith("."))
+
+
+def test_point_pairs_from_files_are_honoured_rigidly(case, tmp_path):
+    """Pairs on one vertebra saying it lies 3 mm further along -y in the MR: the written transform sends each MR
+    point to its CT point, with no dense step."""
+    from SpineRigidRegLib.io import write_landmarks
+    from SpineRigidRegLib.prealign import label_centroids
+
+    centres = label_centroids(sitk.ReadImage(str(case["seg"])))
+    centre = np.asarray(centres[sorted(centres)[1]])
+    shift = np.array([0.0, 3.0, 0.0])
+    offsets = {"p1": (0, 0, 0), "p2": (5, 0, 0), "p3": (0, -5, 0), "p4": (0, 0, 3)}
+    ct_points = {k: centre + np.asarray(o, dtype=float) for k, o in offsets.items()}
+    mr_points = {k: p - shift for k, p in ct_points.items()}
+    extra = [
+        "--point-pairs",
+        str(write_landmarks(ct_points, tmp_path / "ct.mrk.json")),
+        str(write_landmarks(mr_points, tmp_path / "mr.mrk.json")),
+    ]
+    assert run_register(case, tmp_path / "out", "--refine-steps", "0", *extra) == 0
+    transform = sitk.ReadTransform(str(tmp_path / "out" / "transform.h5"))
+    errors = [np.linalg.norm(np.asarray(transform.TransformPoint(tuple(mr_points[k]))) - ct_points[k]) for k in offsets]
+    assert max(errors) < 0.6, errors  # mm

@@ -484,6 +484,10 @@ def test_refinement_with_point_pairs_updates_outputs_in_place_and_undo_restores(
         logic.undo()
     with pytest.raises(InputError, match="T4"):
         logic.refinementRequest(vertebraWeights={"T4": 0.0})
+    # No dense step: allowed with point pairs (the vertebrae then move rigidly onto them), refused without.
+    assert len(logic.refinementRequest(ct_pairs, mr_pairs, refineSteps=0)[2]) == 1
+    with pytest.raises(InputError, match="point pairs or set at least one refinement step"):
+        logic.refinementRequest(refineSteps=0)
 
 
 def test_point_pairs_pair_by_label_then_by_order_and_refuse_mismatches():

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from ..checkpoint import resources_dir
 from ..errors import InputError
 from .common import add_common_arguments, progress_bar, run_command
@@ -55,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="optional CT vertebra centres; without them the CT label centroids are used",
     )
+    inputs.add_argument(
+        "--point-pairs",
+        nargs=2,
+        type=Path,
+        metavar=("CT_POINTS", "MR_POINTS"),
+        help="corresponding points the result must honour (same labels in both files, .mrk.json/.fcsv/.csv): each "
+        "vertebra moves rigidly onto the pairs on it; with --refine-steps the dense refinement also honours pairs "
+        "between vertebrae",
+    )
     inputs.add_argument("--sample", action="store_true", help="use the bundled sample case (Resources/SampleData)")
     options = parser.add_argument_group("options")
     options.add_argument("--out", type=Path, required=True, help="output folder (created)")
@@ -62,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--vertebra-steps",
         type=int,
         default=None,
-        help="steps of the vertebra-wise rigid alignment after the network (default 40; 0 = network only)",
+        help="steps of the vertebra-wise rigid alignment after the network (default 30; 0 = network only)",
     )
     options.add_argument(
         "--refine-steps", type=int, default=None, help="dense test-time refinement steps after that (default 0)"
@@ -116,6 +127,7 @@ def _run(args: argparse.Namespace) -> int:
     fixed_labels = io.read_image(paths["fixed_labels"]) if paths.get("fixed_labels") else None
     fixed_landmarks = io.read_landmarks(paths["fixed_landmarks"]) if paths.get("fixed_landmarks") else None
     moving_landmarks = io.read_landmarks(paths["moving_landmarks"]) if paths.get("moving_landmarks") else None
+    point_pairs = _point_pairs(*args.point_pairs) if args.point_pairs else None
 
     settings = RegistrationSettings(device=args.device, model_path=str(args.model) if args.model else None)
     if args.refine_steps is not None:
@@ -141,6 +153,7 @@ def _run(args: argparse.Namespace) -> int:
             fixed_landmarks=fixed_landmarks,
             moving_landmarks=moving_landmarks,
             settings=settings,
+            point_pairs=point_pairs,
             progress=progress,
         )
         outputs = write_outputs(result, args.out)
@@ -153,6 +166,20 @@ def _run(args: argparse.Namespace) -> int:
     print("timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items()))
     print(f"outputs in {args.out}/ (QA picture: {outputs['qa']}; transform for Slicer/ITK: {outputs['transform']})")
     return 0
+
+
+def _point_pairs(ct_path: Path, mr_path: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(CT point, MR point)`` pairs (LPS mm) from two point files, paired by label."""
+    from .. import io
+
+    ct, mr = io.read_landmarks(ct_path), io.read_landmarks(mr_path)
+    unmatched = sorted(set(ct) ^ set(mr))
+    if unmatched:
+        raise InputError(
+            f"point pairs are matched by label, and these labels are in only one of {ct_path.name} and "
+            f"{mr_path.name}: {', '.join(unmatched)}"
+        )
+    return [(ct[name], mr[name]) for name in ct]
 
 
 def _input_paths(args: argparse.Namespace) -> dict[str, Path | None]:
