@@ -31,7 +31,7 @@ from .jacobian import determinant, jacobian_matrix
 from .network import RegistrationNet
 from .polyrigid import VertebraRigidSettings, refine_vertebrae_rigidly
 from .prealign import Prealignment, prealign
-from .preprocess import normalize_intensity, resample_to_reference
+from .preprocess import field_of_view, normalize_intensity, resample_to_reference
 from .refine import RefineWeights, refine_velocity
 from .rigid import fit_rigid
 from .warp import integrate_velocity, resize_displacement, warp_labels
@@ -429,14 +429,14 @@ def register(
     grid = processing_grid(fixed_geometry, moving_labels, pre, settings, net.config.required_multiple)
     _check_memory(grid, device)
     pre_t = pre.transform()
-    inside = image_to_tensor(resample_to_reference(_ones_like(fixed), grid, is_label=True))
+    inside = image_to_tensor(field_of_view(fixed, grid))
     if inside.float().mean() < 0.1:
         raise InputError("the MR and the CT spine do not overlap after pre-alignment (check landmarks/orientation)")
     fixed_t = normalize_intensity(image_to_tensor(resample_to_reference(fixed, grid)), mask=inside > 0)
     ct_min = float(sitk.GetArrayViewFromImage(moving).min())
     moving_hu = image_to_tensor(resample_to_reference(moving, grid, pre_t, default_value=ct_min))
     moving_t = normalize_intensity(moving_hu)
-    moving_inside = image_to_tensor(resample_to_reference(_ones_like(moving), grid, pre_t, is_label=True))
+    moving_inside = image_to_tensor(field_of_view(moving, grid, pre_t))
     labels_t = image_to_tensor(resample_to_reference(moving_labels, grid, pre_t, is_label=True), torch.int64)
     pairs_vox = _point_pairs_to_voxels(point_pairs, pre, grid) if point_pairs else None
     timings["preprocess"] = time.perf_counter() - t
@@ -523,13 +523,6 @@ def register(
         grid=grid,
         fixed=fixed,
     )
-
-
-def _ones_like(image: sitk.Image) -> sitk.Image:
-    """A uint8 image of ones on ``image``'s grid (marks where resampled data come from inside it)."""
-    ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
-    ones.CopyInformation(image)
-    return ones
 
 
 def _label_interpolator() -> int:

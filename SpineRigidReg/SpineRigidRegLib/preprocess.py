@@ -52,6 +52,16 @@ def resample_to_reference(
     return sitk.Resample(source, ref, transform or sitk.Transform(), interpolator, default_value, pixel)
 
 
+def field_of_view(
+    image: sitk.Image, reference: sitk.Image | Geometry, transform: sitk.Transform | None = None
+) -> sitk.Image:
+    """uint8 mask on ``reference``'s grid: 1 where resampling ``image`` (through ``transform``, as in
+    :func:`resample_to_reference`) reads data from inside it, 0 where it falls outside ``image``'s field of view."""
+    ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(image)
+    return resample_to_reference(ones, reference, transform, is_label=True)
+
+
 def isotropic_geometry(geometry: Geometry, spacing: float = 1.0) -> Geometry:
     """The grid of the same extent and direction as ``geometry`` with cubic voxels of ``spacing`` mm."""
     if not isinstance(geometry, Geometry):

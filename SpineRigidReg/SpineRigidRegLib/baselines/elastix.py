@@ -235,10 +235,11 @@ def rigidity_image(moving_labels: sitk.Image, moving: sitk.Image | None = None) 
     return mask
 
 
-def sitk_to_itk(image: sitk.Image):
-    """A 3D scalar SimpleITK image as a float32 ``itk.Image`` with the same geometry (LPS)."""
+def sitk_to_itk(image: sitk.Image, dtype: type = np.float32):
+    """A 3D scalar SimpleITK image as an ``itk.Image`` of ``dtype`` (float32; uint8 for masks) with the same
+    geometry (LPS)."""
     itk = _itk()
-    array = np.ascontiguousarray(sitk.GetArrayFromImage(image).astype(np.float32))
+    array = np.ascontiguousarray(sitk.GetArrayFromImage(image).astype(dtype))
     out = itk.GetImageFromArray(array)
     out.SetSpacing([float(s) for s in image.GetSpacing()])
     out.SetOrigin([float(o) for o in image.GetOrigin()])
@@ -251,6 +252,7 @@ def register_elastix(
     moving: sitk.Image,
     moving_labels: sitk.Image | None,
     settings: ElastixSettings = ElastixSettings(),
+    moving_mask: sitk.Image | None = None,
     progress: Callable[[float, str], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> ElastixResult:
@@ -264,6 +266,8 @@ def register_elastix(
         moving: CT image.
         moving_labels: CT vertebra labels (required with the penalty; unused without).
         settings: See :class:`ElastixSettings`.
+        moving_mask: Optional mask (non-zero = data) on ``moving``'s grid: elastix drops the samples that map
+            outside it, e.g. outside the field of view of a CT resampled onto the MR's grid.
         progress: Called with ``(fraction, message)`` at the start and the end.
         should_cancel: True raises :class:`..errors.CancelledError`.
 
@@ -300,6 +304,8 @@ def register_elastix(
         parameters.AddParameterMap(pm)
         start = time.perf_counter()
         method = itk.ElastixRegistrationMethod.New(fixed_itk, moving_itk)
+        if moving_mask is not None:
+            method.SetMovingMask(sitk_to_itk(sitk.Cast(moving_mask != 0, sitk.sitkUInt8), np.uint8))
         method.SetParameterObject(parameters)
         method.SetLogToConsole(False)
         method.SetLogToFile(True)
