@@ -98,7 +98,7 @@ def test_empty_label_map_is_rejected():
 def test_known_shift_is_recovered_with_the_right_sign_on_a_ras_grid():
     """Fixed = MR-like contrast of the CT moved by a known constant pull-back shift (2 voxels along i, 1 along k) on a
     RAS-oriented grid: the field must point the same way and shrink the error (with and without the penalty; with the
-    penalty through a moving mask, as the benchmark runs it)."""
+    penalty through a moving mask)."""
     phantom = make_phantom(num_vertebrae=3, shape=(40, 36, 36), seed=3, direction=RAS, curvature_deg=10.0)
     geometry = Geometry.of(phantom.ct)
     ct = image_to_tensor(phantom.ct)
@@ -115,7 +115,7 @@ def test_known_shift_is_recovered_with_the_right_sign_on_a_ras_grid():
             phantom.ct,
             phantom.labels,
             ElastixSettings(rigidity_penalty=penalty, iterations=60, resolutions=2, threads=1, spatial_samples=2000),
-            moving_mask=field_of_view(phantom.ct, phantom.ct) if penalty else None,  # the benchmark's CT mask
+            moving_mask=field_of_view(phantom.ct, phantom.ct) if penalty else None,  # a CT field-of-view mask
         )
         u = result.displacement
         assert u.shape == truth.shape

@@ -38,7 +38,7 @@ from .. import metrics
 from ..baselines.elastix import ElastixSettings, is_available, register_elastix
 from ..errors import InputError
 from ..geometry import Geometry, displacement_field_image, displacement_from_field_image
-from ..preprocess import field_of_view, resample_to_reference
+from ..preprocess import resample_to_reference
 from ..warp import warp_labels
 from .cases import BenchmarkCase
 
@@ -357,10 +357,10 @@ def run_method(method: Method, case: BenchmarkCase, models: ModelCache | None = 
             ct_min = float(sitk.GetArrayViewFromImage(case.moving).min())
             moving = resample_to_reference(case.moving, case.fixed, pre, default_value=ct_min)
             labels = resample_to_reference(case.moving_labels, case.fixed, pre, is_label=True)
-            # Where the resampled CT has data, so that elastix, like our rows, ignores the CT's field-of-view edge.
-            inside = field_of_view(case.moving, case.fixed, pre)
             resampled = time.perf_counter() - start
-            result = register_elastix(case.fixed, moving, labels, settings, moving_mask=inside)
+            # No moving mask (register_elastix takes one): with the CT's field of view as the mask Staring did worse
+            # on this benchmark (DSC 0.940 vs 0.942, TRE 0.63 vs 0.60 mm, 843 vs 107 folding voxels).
+            result = register_elastix(case.fixed, moving, labels, settings)
         field = sitk.DisplacementFieldTransform(displacement_field_image(result.displacement.double(), geometry))
         displacement = displacement_on_grid(sitk.CompositeTransform([pre, field]), geometry)
         threads = settings.threads or os.cpu_count()
