@@ -59,7 +59,7 @@ tissue) and optional dense refinement.</p>
 a label map volume works too) and the MR volume. Optional: an MR vertebra segmentation (only to report Dice) and
 two point lists with the vertebra centres on the CT and on the MR, labelled alike (L1, T12...), for the initial
 rigid alignment; without them the alignment is automatic.</li>
-<li><b>Options</b>: the rigidity preset (default = the bundled model's weights, strict, soft, or custom weights
+<li><b>Options</b>: the rigidity preset (default = four times the paper's training weights, strict = x4, soft = x0.25, or custom weights
 for the rigid-field, properness, orthonormality and rigid-Dice terms of the dense refinement), the vertebra
 alignment steps (0 = network only), the dense refinement steps and the device (auto uses a GPU when there is one; the device used is shown).</li>
 <li><b>Apply</b> runs in the background with a progress bar; the button turns into <b>Cancel</b>, and a cancelled

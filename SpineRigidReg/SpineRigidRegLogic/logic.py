@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 ProgressCallback = Callable[[float, str], None]
 CancelCallback = Callable[[], bool]
 
-#: Rigidity presets: multiplier of the bundled refinement weights of the rigidity terms.
+#: Rigidity presets: multiplier of the dense refinement's default weights of the rigidity terms (``RefineWeights``).
 RIGIDITY_PRESETS: dict[str, float] = {"default": 1.0, "strict": 4.0, "soft": 0.25}
 RIGIDITY_TERMS = ("rigid_field", "pc", "oc", "rigid_dice")
 #: Results kept for undo.
@@ -105,7 +105,7 @@ def makeSettings(
     """Core settings from the panel's choices.
 
     Args:
-        preset: A :data:`RIGIDITY_PRESETS` key (scales the bundled rigidity weights) or ``"custom"``.
+        preset: A :data:`RIGIDITY_PRESETS` key (scales the default rigidity weights) or ``"custom"``.
         refineSteps: Test-time refinement steps.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         weights: For ``"custom"`` (or to override a preset): ``rigid_field``, ``pc``, ``oc``, ``rigid_dice``.

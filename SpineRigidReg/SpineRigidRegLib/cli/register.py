@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_argument(
         "--rigidity",
         default=None,
-        help="refinement rigidity weights, e.g. 'rigid_field=0.01,pc=0.1,oc=0.05,rigid_dice=0'",
+        help="refinement rigidity weights, e.g. 'rigid_field=0.04,pc=0.4,oc=0.2,rigid_dice=0' (the defaults)",
     )
     options.add_argument(
         "--vertebra-weight",
