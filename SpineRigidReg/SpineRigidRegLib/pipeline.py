@@ -68,9 +68,9 @@ class RegistrationSettings:
 
     device: str = "auto"
     vertebra_rigid: VertebraRigidSettings = field(default_factory=VertebraRigidSettings)
-    # Off by default: on the benchmark (docs/BENCHMARKS.md) 20 dense steps after the vertebra-wise rigid stage gain
-    # 0.002 DSC and cost rigidity (rigid DSC 0.996 -> 0.979, |%dvol| 0.49 -> 2.11) and 2.4x the time; the Slicer
-    # module's manual correction uses it with point pairs.
+    # Off by default: on the benchmark (docs/BENCHMARKS.md) 20 dense steps after the vertebra-wise rigid stage cost
+    # a little accuracy and rigidity (DSC 0.966 -> 0.964, rigid DSC 0.997 -> 0.991, |%dvol| 0.08 -> 0.52) and 2.3x
+    # the time; the manual correction uses it for point pairs between vertebrae.
     refine_steps: int = 0
     refine_weights: RefineWeights = field(default_factory=RefineWeights)
     vertebra_weights: Mapping[int, float] | None = None
