@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-#: ``../shared/data`` relative to the repository root (present in the development workspace and in CI only).
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+#: ``../shared/data`` relative to the repository root (present in the development workspace and in CI only), or the
+#: folder named by ``SRR_SHARED_DATA`` (a copy carried to a GPU machine).
+SHARED_DATA = Path(os.environ.get("SRR_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 
 
 @pytest.fixture(scope="session")

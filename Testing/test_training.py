@@ -123,6 +123,36 @@ def test_pair_pool_is_a_function_of_seed_and_step():
     assert not torch.equal(x.moving_labels, x.fixed_labels)
 
 
+def test_a_prefetching_pool_holds_the_same_pairs():
+    config = tiny_config(data={"pool_size": 2, "refresh_every": 1})
+    plain = PairPool(config.data, config.synthesis, seed=3)
+    ahead = PairPool(config.data, config.synthesis, seed=3, prefetch=2)
+    try:
+        for step in (0, 1, 2, 3, 1):  # the last: a jump back, as a resume makes
+            assert plain.sync(step) == ahead.sync(step)
+            assert sorted(plain.pairs) == sorted(ahead.pairs)
+            for index in plain.pairs:
+                assert torch.equal(plain.pairs[index].fixed, ahead.pairs[index].fixed)
+        assert {3, 4} <= set(ahead._pending)  # the next two pairs are on their way
+    finally:
+        ahead.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the GPU training recipe runs it first)")
+@pytest.mark.parametrize("source", ["real", "phantom", "label_contrast"])
+def test_pairs_synthesised_on_the_gpu_match_the_cpu_pairs_and_stay_there(source, shared_data):
+    config = tiny_config(data={"real": 1.0, "label_contrast": 1.0, "real_data_dir": str(shared_data)})
+    cpu = make_pair(source, 7, config.data, config.synthesis, PairPool(config.data, config.synthesis).real)
+    pool = PairPool(config.data, config.synthesis, seed=7, device="cuda")
+    gpu = make_pair(source, 7, config.data, config.synthesis, pool.real, device="cuda")
+    assert gpu.fixed.is_cuda and gpu.true_displacement.is_cuda and gpu.fixed_labels.is_cuda
+    torch.testing.assert_close(gpu.true_displacement.cpu(), cpu.true_displacement, atol=1e-3, rtol=1e-3)
+    assert float((gpu.fixed.cpu() - cpu.fixed).abs().mean()) < 1e-3
+    assert float((gpu.fixed_labels.cpu() != cpu.fixed_labels).float().mean()) < 1e-3
+    pool.sync(0)
+    assert pool.batch(0).fixed.is_cuda
+
+
 def test_augmented_pairs_keep_their_true_field_consistent_with_the_labels():
     # No crop (synth size = crop size) and no pre-alignment shift at the edges: exact agreement expected.
     config = tiny_config(data={"augment_gamma": 0.0, "prealign": False})
@@ -210,6 +240,31 @@ def test_resume_continues_from_the_same_step_with_the_same_loss(tmp_path):
     assert resumed.step == 6
     for p, q in zip(full.network.parameters(), resumed.network.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the GPU training recipe runs it first)")
+def test_training_on_the_gpu_with_mixed_precision_lowers_the_loss_and_exports_cpu_weights(tmp_path):
+    config = tiny_config(
+        data={"pool_size": 1, "refresh_every": 0, "augment_flip": False, "augment_permute": False, "augment_gamma": 0},
+        loss={"pc": 0.1, "rigid_field": 0.01, "label_dice": 1.0, "field": 0.1},
+        optim={"learning_rate": 5e-3},
+        schedule={"steps": 12, "amp": True},
+    )
+    result = train(config, tmp_path / "run", device="cuda", progress=False, tensorboard=False)
+    losses = [r["loss"] for r in read_csv(tmp_path / "run" / "train.csv")]
+    assert all(torch.isfinite(torch.tensor(losses))) and min(losses[-3:]) < losses[0], losses
+    assert result.device.startswith("cuda")
+    assert load_network(tmp_path / "run" / "best.pt").config == config.network
+
+
+def test_a_time_limit_stops_cleanly_and_resume_continues(tmp_path):
+    # A limit already spent at the first step: that step is trained, validated and checkpointed, then the run stops.
+    config = tiny_config(schedule={"steps": 3, "max_minutes": 1e-9})
+    stopped = train(config, tmp_path / "run", progress=False, tensorboard=False)
+    assert stopped.step == 1 and (tmp_path / "run" / "last.pt").is_file() and (tmp_path / "run" / "best.pt").is_file()
+    resumed = train(config.override(schedule={"max_minutes": 0}), tmp_path / "run", resume=True, progress=False)
+    assert resumed.step == 3
+    assert [int(r["step"]) for r in read_csv(tmp_path / "run" / "train.csv")] == [1, 2, 3]
 
 
 def test_fine_tuning_starts_from_the_given_checkpoint(tmp_path):

@@ -46,6 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt after an interruption")
     parser.add_argument("--steps", type=int, help="override schedule.steps")
     parser.add_argument("--init-from", type=Path, help="override schedule.init_from (fine-tune from a checkpoint)")
+    parser.add_argument(
+        "--real-data-dir", type=Path, help="override data.real_data_dir (the folder holding totalsegmentator-examples/)"
+    )
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        help="override schedule.max_minutes: stop cleanly (validation, last.pt) after this much wall time",
+    )
     parser.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:N]")
     parser.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--no-tensorboard", action="store_true", help="CSV logs only")
@@ -86,8 +94,12 @@ def _run(args: argparse.Namespace) -> int:
         schedule["steps"] = args.steps
     if args.init_from is not None:
         schedule["init_from"] = str(args.init_from)
+    if args.max_minutes is not None:
+        schedule["max_minutes"] = args.max_minutes
     if schedule:
         config = config.override(schedule=schedule)
+    if args.real_data_dir is not None:
+        config = config.override(data={"real_data_dir": str(args.real_data_dir)})
     out = args.out or Path("runs") / config.name
     result = train(
         config,

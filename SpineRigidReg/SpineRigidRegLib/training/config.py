@@ -217,6 +217,9 @@ class ScheduleConfig:
         checkpoint_every: Steps between checkpoints (``last.pt``; 0 = only at the end).
         checkpoint_minutes: Also write ``last.pt`` when this much wall time passed since the previous one (0 = off).
         log_every: Steps between CSV/TensorBoard rows.
+        max_minutes: Stop after this much wall time of the run (pair synthesis and validation included; 0 = no
+            limit), with a final validation and ``last.pt``, so a lease or a batch job's time limit ends a stage
+            cleanly; ``--resume`` continues it.
         select_by: Validation figure of the best checkpoint: ``"dice"``, ``"rigid_dice"`` or ``"dice_rigid"``
             (their mean).
         amp: Mixed precision for the network's forward pass on CUDA (never on CPU); the losses stay float32.
@@ -229,6 +232,7 @@ class ScheduleConfig:
     checkpoint_every: int = 250
     checkpoint_minutes: float = 5.0
     log_every: int = 10
+    max_minutes: float = 0.0
     select_by: str = "dice"
     amp: bool = True
 
@@ -241,6 +245,7 @@ class ScheduleConfig:
         if self.log_every < 1:
             raise InputError("schedule.log_every must be >= 1")
         _finite_non_negative("schedule.checkpoint_minutes", self.checkpoint_minutes)
+        _finite_non_negative("schedule.max_minutes", self.max_minutes)
         if self.select_by not in SELECTION_METRICS:
             raise InputError(f"schedule.select_by must be one of {SELECTION_METRICS}, got {self.select_by!r}")
 

@@ -14,7 +14,9 @@ With ``data.prealign`` each pair's CT is then shifted by whole voxels as the pip
 it (:func:`prealigned`).
 
 Synthesis costs several network steps on a CPU, so :class:`PairPool` keeps ``pool_size`` pairs on a grid of
-``synth_size`` and replaces the oldest every ``refresh_every`` steps. Every pair and every draw is a function of
+``synth_size`` and replaces the oldest every ``refresh_every`` steps. On a GPU the pool synthesises and keeps its pairs
+there (the motion, warps, blur and noise are torch; only the phantom's geometry is drawn on the CPU): a CPU pipeline
+could not feed a GPU's steps. Every pair and every draw is a function of
 (seed, rank, index) alone, so a resumed run sees exactly the pairs the interrupted one would have seen.
 
 All tensors are ``(B, 1, D, H, W)``: ``fixed`` (MR-like) and ``moving`` (CT) intensities in [0, 1] as the pipeline
@@ -28,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,8 +200,11 @@ def make_pair(
     data: DataConfig,
     synthesis: SynthesisSettings,
     real: RealVolumes | None = None,
+    device: str | torch.device = "cpu",
 ) -> TrainingPair:
-    """One synthesised pair of ``data.synth_size`` from ``source`` (see the module docstring); CPU tensors.
+    """One synthesised pair of ``data.synth_size`` from ``source`` (see the module docstring), its tensors on
+    ``device`` (where the synthesis runs). The random draws come from a CPU generator, so a seed gives the same
+    motion and contrast on every device (the images agree to float rounding).
 
     Raises:
         InputError: unknown source, or a real source without the real data.
@@ -226,7 +232,7 @@ def make_pair(
     spacing = (data.spacing_mm,) * 3
     if source == "label_contrast":
         fixed, moving, moving_labels, fixed_labels, field = synthesize_label_contrast_pair(
-            cut.labels, generator, synthesis, spacing
+            cut.labels.to(device), generator, synthesis, spacing
         )
         made = TrainingPair(fixed, moving, moving_labels, fixed_labels, source, field)
         return prealigned(made) if data.prealign else made
@@ -239,6 +245,7 @@ def make_pair(
         synthesis,
         seed=_randint(generator, 0, 2**31 - 1),
         tissues=None if cut.tissues is None else tensor_to_image(cut.tissues.to(torch.uint8), geometry),
+        device=device,
     )
     made = TrainingPair(
         fixed=image_to_tensor(pair.fixed),
@@ -247,7 +254,7 @@ def make_pair(
         fixed_labels=image_to_tensor(pair.fixed_labels, torch.int64),
         source=source,
         true_displacement=pair.true_displacement.float(),
-    )
+    ).to(device)
     return prealigned(made) if data.prealign else made
 
 
@@ -271,7 +278,7 @@ def prealigned(pair: TrainingPair) -> TrainingPair:
     def shifted(volume: torch.Tensor) -> torch.Tensor:
         for axis, t in enumerate(shift):
             size = volume.shape[axis + 2]
-            index = (torch.arange(size) + t).clamp(0, size - 1)
+            index = (torch.arange(size, device=volume.device) + t).clamp(0, size - 1)
             volume = volume.index_select(axis + 2, index)
         return volume
 
@@ -303,7 +310,7 @@ def augment(pair: TrainingPair, data: DataConfig, generator: torch.Generator) ->
             tensors = [t.flip([a + 2 for a in axes]) for t in tensors]
             if field is not None:
                 field = field.flip([a + 2 for a in axes])
-                sign = torch.ones(3, dtype=field.dtype)
+                sign = torch.ones(3, dtype=field.dtype, device=field.device)
                 sign[axes] = -1.0
                 field = field * sign.view(1, 3, 1, 1, 1)
     if data.augment_permute and len(set(size)) == 1:
@@ -346,8 +353,24 @@ class PairPool:
         seed: int = 0,
         rank: int = 0,
         real: RealVolumes | None = None,
+        device: str | torch.device = "cpu",
+        prefetch: int = 0,
     ) -> None:
+        """
+        Args:
+            data, synthesis: What the pairs are made of.
+            seed, rank: Together with a pair's index, its seed.
+            real: The real volumes (loaded from ``data.real_data_dir`` when ``None``).
+            device: Where the pairs are synthesised and kept.
+            prefetch: Pairs synthesised ahead of need in a background thread (0: none). On a GPU the synthesis'
+                CPU part (the phantom's geometry, SimpleITK) then overlaps the training steps; the pairs are the
+                same either way.
+        """
         self.data = data
+        self.device = torch.device(device)
+        self.prefetch = int(prefetch)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pairs") if self.prefetch > 0 else None
+        self._pending: dict[int, Future[TrainingPair]] = {}
         self.synthesis = synthesis
         self.seed = seed
         self.rank = rank
@@ -374,15 +397,32 @@ class PairPool:
         made = 0
         for index in wanted:
             if index not in self.pairs:
-                source = self.source_of(index)
-                self.pairs[index] = make_pair(
-                    source, mixed_seed(self.seed, self.rank, index), self.data, self.synthesis, self.real
-                )
+                pending = self._pending.pop(index, None)
+                self.pairs[index] = pending.result() if pending is not None else self._make(index)
                 made += 1
+        if self._executor is not None:
+            for index in [i for i in self._pending if i < wanted.start]:  # a jump back (resume): no longer needed
+                self._pending.pop(index).cancel()
+            for index in range(wanted.stop, wanted.stop + self.prefetch):
+                if index not in self._pending:
+                    self._pending[index] = self._executor.submit(self._make, index)
         return made
 
+    def _make(self, index: int) -> TrainingPair:
+        source = self.source_of(index)
+        seed = mixed_seed(self.seed, self.rank, index)
+        return make_pair(source, seed, self.data, self.synthesis, self.real, self.device)
+
+    def close(self) -> None:
+        """Stop the prefetching thread (pending pairs are dropped)."""
+        if self._executor is not None:
+            for pending in self._pending.values():
+                pending.cancel()
+            self._pending.clear()
+            self._executor.shutdown(wait=True)
+
     def batch(self, step: int) -> TrainingPair:
-        """The augmented batch of ``step`` (``batch_size`` pairs); call :meth:`sync` first."""
+        """The augmented batch of ``step`` (``batch_size`` pairs, on the pool's device); call :meth:`sync` first."""
         generator = torch.Generator().manual_seed(mixed_seed(self.seed, self.rank, step, 1))
         keys = sorted(self.pairs)
         chosen = [keys[_randint(generator, 0, len(keys) - 1)] for _ in range(self.data.batch_size)]
@@ -390,14 +430,17 @@ class PairPool:
 
 
 def validation_pairs(
-    data: DataConfig, synthesis: SynthesisSettings, real: RealVolumes | None = None
+    data: DataConfig,
+    synthesis: SynthesisSettings,
+    real: RealVolumes | None = None,
+    device: str | torch.device = "cpu",
 ) -> list[TrainingPair]:
     """``data.validation_pairs`` fixed-seed pairs, sources in turn, centre-cropped to ``validation_size`` (or
-    ``crop_size``)."""
+    ``crop_size``), synthesised on ``device``."""
     sources = list(data.source_weights())
     real = real if real is not None else RealVolumes(data.real_data_dir, data.spacing_mm)
     out = []
     for i in range(data.validation_pairs):
-        pair = make_pair(sources[i % len(sources)], data.validation_seed + i, data, synthesis, real)
+        pair = make_pair(sources[i % len(sources)], data.validation_seed + i, data, synthesis, real, device)
         out.append(center_crop(pair, data.validation_size or data.crop_size))
     return out

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Train the bundled model on one GPU in a single short lease (about 8 minutes), as docs/TRAINING.md describes.
+#
+#   scripts/gpu_training.sh prepare   here, once: fills .carry/ (git-ignored) with what the GPU machine lacks: the
+#                                     SimpleITK wheel for its Python 3.12 and a copy of the real data (../shared/data)
+#   scripts/gpu_training.sh run       there, from the repository root, with .carry carried along: checks the GPU
+#                                     synthesis against the CPU's (pytest), trains stage 1 (default_gpu_baseline) and
+#                                     stage 2 (default_gpu) within their schedule.max_minutes, exports the model with
+#                                     its card to $OUT/model and packs the run folders into $OUT/runs.tar.gz
+#
+# A later lease continues where this one stopped: put that runs.tar.gz at .carry/runs.tar.gz and `run` again
+# (stage 1 resumes; stage 2 starts afresh from stage 1's new best). Environment: OUT (default out/gpu), DEVICE
+# (default cuda), STAGE1 / STAGE2 (configs, default default_gpu_baseline / default_gpu), STAGE1_MINUTES /
+# STAGE2_MINUTES (override the configs' max_minutes), DEVICE_LABEL (the model card's training hardware).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+prepare() {
+    mkdir -p .carry/whl .carry/data
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .carry/whl "SimpleITK==2.5.3"
+    cp -r ../shared/data/totalsegmentator-examples .carry/data/
+    du -sh .carry
+}
+
+run() {
+    local out=${OUT:-out/gpu} device=${DEVICE:-cuda} runs=/tmp/srr-runs
+    local stage1=${STAGE1:-default_gpu_baseline} stage2=${STAGE2:-default_gpu}
+    mkdir -p "$out" "$runs"
+    if ! python3 -c "import SimpleITK" 2>/dev/null; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .carry/whl/*.whl
+        export PYTHONPATH=/tmp/site
+    fi
+    export PYTHONPATH=$PWD/SpineRigidReg${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 SRR_SHARED_DATA=$PWD/.carry/data
+    local label=${DEVICE_LABEL:-}
+    if [[ -z $label && $device == cuda* ]]; then
+        label="1x $(python3 -c 'import torch; print(torch.cuda.get_device_name(0))')"
+    fi
+    label=${label:-CPU}
+    local train=(python3 -m SpineRigidRegLib.cli.train --device "$device" --real-data-dir .carry/data --no-tensorboard)
+    # Stage 1 always resumes (a carried runs.tar.gz, or an earlier call on the same warm machine; else it starts at
+    # step 0); stage 2 starts afresh from stage 1's best.
+    [[ -f .carry/runs.tar.gz ]] && tar xzf .carry/runs.tar.gz -C "$runs"
+    rm -rf "${runs:?}/$stage2"
+    if [[ $device == cuda* ]]; then
+        python3 -m pytest -q -p no:cacheprovider Testing/test_training.py -k gpu 2>&1 | tail -3
+    fi
+    "${train[@]}" --config "$stage1" --out "$runs/$stage1" --resume \
+        ${STAGE1_MINUTES:+--max-minutes "$STAGE1_MINUTES"} >"$out/stage1.log" 2>&1 || { tail -20 "$out/stage1.log"; return 1; }
+    "${train[@]}" --config "$stage2" --out "$runs/$stage2" --init-from "$runs/$stage1/best.pt" \
+        ${STAGE2_MINUTES:+--max-minutes "$STAGE2_MINUTES"} >"$out/stage2.log" 2>&1 || { tail -20 "$out/stage2.log"; return 1; }
+    python3 -m SpineRigidRegLib.cli.train --export "$runs/$stage1" "$runs/$stage2" --out "$out/model" \
+        --device-label "$label"
+    for stage in "$stage1" "$stage2"; do
+        echo "== $stage validation (identity: $(tail -1 "$runs/$stage/validation_identity.csv"))"
+        cat "$runs/$stage/validation.csv"
+        tail -2 "$runs/$stage/train.csv"
+    done
+    tar czf "$out/runs.tar.gz" --exclude=tensorboard -C "$runs" .
+    ls -la "$out" "$out/model"
+}
+
+case "${1:-}" in
+    prepare) prepare ;;
+    run) run ;;
+    *) echo "usage: $0 prepare|run" >&2; exit 2 ;;
+esac
