@@ -16,7 +16,9 @@ from SpineRigidRegLib.cli import jacobian as jacobian_cli
 from SpineRigidRegLib.cli import register as register_cli
 from SpineRigidRegLib.cli import warp as warp_cli
 from SpineRigidRegLib.data.phantom import make_phantom
+from SpineRigidRegLib.io import read_landmarks, write_landmarks
 from SpineRigidRegLib.network import NetworkConfig, RegistrationNet
+from SpineRigidRegLib.prealign import label_centroids
 
 TINY = NetworkConfig(encoder_channels=(4, 4, 4, 4), decoder_channels=(4, 4, 4, 4), final_channels=(4,))
 
@@ -69,6 +71,7 @@ def test_register_writes_every_output_and_the_tools_read_them(case, tmp_path, ca
         "warped_labels.nii.gz",
         "jacobian.nii.gz",
         "transform.h5",
+        "inverse_transform.h5",
         "displacement.nii.gz",
         "vertebrae.csv",
         "summary.json",
@@ -98,6 +101,19 @@ def test_register_writes_every_output_and_the_tools_read_them(case, tmp_path, ca
     )
     ours = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped_labels.nii.gz")))
     assert np.array_equal(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(warped)))), np.unique(ours))
+
+    # CT points into the MR with the inverse, and back with the forward transform.
+    ct_points = tmp_path / "plan.mrk.json"
+    write_landmarks({f"P{v}": c for v, c in label_centroids(sitk.ReadImage(str(case["seg"]))).items()}, ct_points)
+    in_mr, back = tmp_path / "plan_in_mr.fcsv", tmp_path / "back.csv"
+    for transform, source, target in (("inverse_transform.h5", ct_points, in_mr), ("transform.h5", in_mr, back)):
+        assert warp_cli.main(["--transform", str(out / transform), "--points", str(source), "--out", str(target)]) == 0
+    original, returned = read_landmarks(ct_points), read_landmarks(back)
+    assert sorted(returned) == sorted(original)
+    assert max(np.linalg.norm(returned[k] - original[k]) for k in original) < 0.1  # mm
+    both = ["--points", str(ct_points), "--input", str(case["ct"]), "--out", str(tmp_path / "x.csv")]
+    assert warp_cli.main(["--transform", str(out / "transform.h5"), *both]) == 2
+    assert warp_cli.main(["--transform", str(out / "transform.h5"), "--out", str(tmp_path / "x.nii.gz")]) == 2
 
     capsys.readouterr()
     assert jacobian_cli.main(["--field", str(out / "displacement.nii.gz"), "--json", "--quiet"]) == 0

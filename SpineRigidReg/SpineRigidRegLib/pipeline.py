@@ -90,7 +90,7 @@ class RegistrationResult:
     """Everything :func:`register` produces; see ``docs/ARCHITECTURE.md`` for the transform directions.
 
     All transforms map fixed (MR) physical points to moving (CT) physical points (ITK's resampling direction,
-    Slicer's "FromParent" when the CT is placed under the transform).
+    Slicer's "FromParent" when the CT is placed under the transform), except :meth:`inverse_transform`.
     """
 
     warped_moving: sitk.Image
@@ -107,6 +107,22 @@ class RegistrationResult:
     timings: dict[str, float]
     grid: Geometry
     fixed: sitk.Image | None = None
+    inverse_displacement: sitk.Image | None = None
+
+    def inverse_transform(self) -> sitk.Transform:
+        """The inverse map, moving (CT) point -> fixed (MR) point: the pre-alignment undone, then the deformable
+        part's inverse, ``exp(-v)`` of the same stationary velocity (``inverse_displacement``, LPS mm on ``grid``).
+
+        It carries CT points (a screw plan, a bone model) into the MR and resamples the MR onto the CT's grid; its
+        composition with :attr:`transform` is the identity up to the integration's error (hundredths of a mm).
+        """
+        if self.inverse_displacement is None:
+            raise InputError("this result holds no inverse field")
+        undo_prealign = Prealignment(self.prealign, self.prealign_method).transform().GetInverse()
+        # A composite applies its last transform first: the pre-alignment's inverse, then the field.
+        return sitk.CompositeTransform(
+            [sitk.DisplacementFieldTransform(sitk.Image(self.inverse_displacement)), undo_prealign]
+        )
 
     def total_displacement(self) -> sitk.Image:
         """Pre-alignment folded into the field: fixed point ``x`` -> moving point ``x + D(x)``, LPS mm."""
@@ -340,12 +356,16 @@ def register_prealigned(
     )
     timings["refinement"] = time.perf_counter() - start
     start = time.perf_counter()
-    with torch.no_grad():
-        displacement = resize_displacement(
-            integrate_velocity(velocity, network.config.integration_steps), fixed.shape[2:]
-        )
+    displacement = displacement_from_velocity(velocity, network.config.integration_steps, fixed.shape[2:])
     timings["integration"] = time.perf_counter() - start
     return displacement, velocity, timings
+
+
+def displacement_from_velocity(velocity: torch.Tensor, integration_steps: int, shape: Sequence[int]) -> torch.Tensor:
+    """``exp(velocity)`` as a ``(1, 3, *shape)`` displacement (voxels of ``shape``): the velocity ``(1, 3, d, h, w)``
+    (voxels of its own grid) integrated by scaling and squaring, then resized; ``-velocity`` gives the inverse map."""
+    with torch.no_grad():
+        return resize_displacement(integrate_velocity(velocity, integration_steps), shape)
 
 
 def resolve_network(settings: RegistrationSettings, network: RegistrationNet | None) -> RegistrationNet:
@@ -467,6 +487,8 @@ def register(
         progress(0.85, "building outputs")
     displacement = displacement.detach().cpu()
     field_image = displacement_field_image(displacement, grid)
+    inverse = displacement_from_velocity(-velocity, net.config.integration_steps, displacement.shape[2:])
+    inverse_image = displacement_field_image(inverse.cpu(), grid)
     composite = sitk.CompositeTransform([pre_t, sitk.DisplacementFieldTransform(sitk.Image(field_image))])
     warped_moving = sitk.Resample(moving, fixed, composite, sitk.sitkLinear, ct_min, sitk.sitkFloat32)
     warped_labels = sitk.Resample(moving_labels, fixed, composite, _label_interpolator(), 0, sitk.sitkUInt16)
@@ -522,6 +544,7 @@ def register(
         timings=timings,
         grid=grid,
         fixed=fixed,
+        inverse_displacement=inverse_image,
     )
 
 
@@ -632,6 +655,7 @@ def write_outputs(
         "displacement": "displacement.nii.gz",
         "total_displacement": "total_displacement.nii.gz",
         "transform": "transform.h5",
+        "inverse_transform": "inverse_transform.h5",
         "prealign": "prealign.tfm",
         "vertebrae_csv": "vertebrae.csv",
         "vertebrae_json": "vertebrae.json",
@@ -645,6 +669,7 @@ def write_outputs(
         sitk.WriteImage(result.displacement, str(staging / names["displacement"]), True)
         sitk.WriteImage(result.total_displacement(), str(staging / names["total_displacement"]), True)
         sitk.WriteTransform(result.transform, str(staging / names["transform"]))
+        sitk.WriteTransform(result.inverse_transform(), str(staging / names["inverse_transform"]))
         sitk.WriteTransform(
             Prealignment(result.prealign, result.prealign_method).transform(), str(staging / names["prealign"])
         )
@@ -687,5 +712,6 @@ __all__ = [
     "RefineWeights",
     "register",
     "register_prealigned",
+    "displacement_from_velocity",
     "write_outputs",
 ]

@@ -1,4 +1,4 @@
-"""``srr-warp``: apply a saved SpineRigidReg transform to another image or label map."""
+"""``srr-warp``: apply a saved SpineRigidReg transform to another image, label map or point list."""
 
 from __future__ import annotations
 
@@ -16,14 +16,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="srr-warp",
         description=(
-            "Resample an image or label map from the CT's space into the MR's space with a transform written by "
-            "srr-register (transform.h5, or a displacement field .nii.gz in LPS mm)."
+            "Apply a transform written by srr-register (transform.h5, inverse_transform.h5, or a displacement field "
+            ".nii.gz in LPS mm). Images: transform.h5 resamples a CT-space image onto the MR's grid, "
+            "inverse_transform.h5 an MR-space image onto the CT's grid. Points (--points): inverse_transform.h5 "
+            "carries CT points (a screw plan) into the MR, transform.h5 MR points into the CT."
         ),
     )
     parser.add_argument("--transform", type=Path, required=True, help="transform.h5 / .tfm or a displacement image")
-    parser.add_argument("--input", type=Path, required=True, help="image in the CT's space to warp")
-    parser.add_argument("--reference", type=Path, required=True, help="image whose grid the output takes (the MR)")
-    parser.add_argument("--out", type=Path, required=True, help="output image file")
+    parser.add_argument("--input", type=Path, help="image to resample (in the space the transform maps into)")
+    parser.add_argument("--reference", type=Path, help="image whose grid the output takes")
+    parser.add_argument(
+        "--points", type=Path, help="instead of an image: a point list (.mrk.json, .fcsv, .csv) to map point by point"
+    )
+    parser.add_argument("--out", type=Path, required=True, help="output image or point-list file")
     parser.add_argument("--labels", action="store_true", help="the input is a label map: keep labels crisp")
     parser.add_argument("--default", type=float, default=None, help="value outside the input (default: its minimum)")
     add_common_arguments(parser)
@@ -53,6 +58,17 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from .. import io
 
+    if args.points is not None:
+        if args.input is not None or args.reference is not None:
+            raise InputError("--points maps a point list: leave out --input and --reference")
+        transform = read_transform(args.transform)
+        points = io.read_landmarks(args.points)
+        mapped = {name: transform.TransformPoint(tuple(float(c) for c in p)) for name, p in points.items()}
+        io.write_landmarks(mapped, args.out)
+        print(f"wrote {len(mapped)} points to {args.out}")
+        return 0
+    if args.input is None or args.reference is None:
+        raise InputError("an image needs --input and --reference (or give --points)")
     transform = read_transform(args.transform)
     image = io.read_image(args.input)
     reference = io.read_image(args.reference)
