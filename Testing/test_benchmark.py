@@ -42,6 +42,16 @@ def test_case_specs_put_real_cases_first_and_are_seeded():
         case_specs(0)
     with pytest.raises(InputError):
         case_specs(2, real_count=3)
+    with pytest.raises(InputError, match="contrast"):
+        case_specs(2, contrast="flair")
+
+
+def test_t2_cases_share_the_t1_cases_anatomy_and_motion_but_not_their_contrast():
+    t1, t2 = (build_case(spec, tiny=True) for spec in (case_specs(1, contrast=c)[0] for c in ("t1", "t2")))
+    assert (t1.description["mr_contrast"], t2.description["mr_contrast"]) == ("t1", "t2")
+    assert np.array_equal(sitk.GetArrayFromImage(t1.fixed_labels), sitk.GetArrayFromImage(t2.fixed_labels))
+    torch.testing.assert_close(t1.true_displacement, t2.true_displacement)
+    assert not np.allclose(sitk.GetArrayFromImage(t1.fixed), sitk.GetArrayFromImage(t2.fixed), atol=0.1)
 
 
 def test_phantom_case_is_reproducible_and_its_truth_maps_the_labels(tiny_case):
@@ -211,7 +221,7 @@ def test_srr_benchmark_end_to_end_on_two_tiny_phantoms(tmp_path, monkeypatch):
     assert benchmark_cli.main(common) == 0
     for name in (report.VERTEBRA_CSV, report.CASE_CSV, report.BOXPLOTS, report.PANELS_PNG, report.RUN_JSON):
         assert (out / name).is_file(), name
-    text = markdown.read_text()
+    text = markdown.read_text(encoding="utf-8")
     for method in (runner.INITIAL, runner.STARING, runner.ELASTIX):
         assert f"| {method} |" in text
     assert "default.json does not exist" in text  # the skipped model rows are noted
@@ -225,7 +235,7 @@ def test_srr_benchmark_end_to_end_on_two_tiny_phantoms(tmp_path, monkeypatch):
     after = report.load_results(out)
     assert [r for r in after.case_rows if r["method"] == runner.STARING] == staring_before
     assert len([r for r in after.case_rows if r["method"] == "tiny net"]) == 2
-    assert "| tiny net |" in markdown.read_text()
+    assert "| tiny net |" in markdown.read_text(encoding="utf-8")
 
 
 def test_only_model_without_a_previous_run_is_refused(tmp_path, capsys):
@@ -286,8 +296,10 @@ def test_srr_evaluate_on_a_registration_folder_matches_the_pipeline(tmp_path, ti
     )
     printed = capsys.readouterr().out
     assert "rigid DSC" in printed and "|J|<=0" in printed
-    evaluated = {r["label"]: r for r in json.loads((tmp_path / "eval.json").read_text())["vertebrae"]}
-    pipeline_rows = {r["label"]: r for r in json.loads((out / "vertebrae.json").read_text())["vertebrae"]}
+    evaluated = {r["label"]: r for r in json.loads((tmp_path / "eval.json").read_text(encoding="utf-8"))["vertebrae"]}
+    pipeline_rows = {
+        r["label"]: r for r in json.loads((out / "vertebrae.json").read_text(encoding="utf-8"))["vertebrae"]
+    }
     assert evaluated.keys() == pipeline_rows.keys()
     for label, row in pipeline_rows.items():
         assert math.isclose(evaluated[label]["rigid_dice"], row["rigid_dice"], abs_tol=1e-3)
@@ -312,7 +324,7 @@ def test_srr_evaluate_on_a_registration_folder_matches_the_pipeline(tmp_path, ti
         )
         == 0
     )
-    truth_rows = json.loads((tmp_path / "truth.json").read_text())["vertebrae"]
+    truth_rows = json.loads((tmp_path / "truth.json").read_text(encoding="utf-8"))["vertebrae"]
     assert all(r["tre_mm"] < 1e-3 and r["dice"] >= 0.98 for r in truth_rows)
 
 

@@ -78,7 +78,7 @@ def test_register_writes_every_output_and_the_tools_read_them(case, tmp_path, ca
         "qa.png",
     ):
         assert (out / name).is_file(), name
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert "timings_s" in summary and summary["prealign_method"]
 
     warped = tmp_path / "warped_seg.nii.gz"

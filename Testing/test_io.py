@@ -160,7 +160,7 @@ def test_landmark_round_trip(tmp_path: Path, name: str, system: str) -> None:
 
 def test_mrk_json_stores_the_requested_frame(tmp_path: Path) -> None:
     io.write_landmarks({"L1": [1.0, 2.0, 3.0]}, tmp_path / "ras.mrk.json", coordinate_system="RAS")
-    markup = json.loads((tmp_path / "ras.mrk.json").read_text())["markups"][0]
+    markup = json.loads((tmp_path / "ras.mrk.json").read_text(encoding="utf-8"))["markups"][0]
     assert markup["coordinateSystem"] == "RAS"
     assert markup["controlPoints"][0]["position"] == [-1.0, -2.0, 3.0]  # LPS (1, 2, 3) is RAS (-1, -2, 3)
 

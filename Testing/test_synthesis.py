@@ -14,6 +14,7 @@ from scipy import ndimage
 from SpineRigidRegLib import metrics
 from SpineRigidRegLib.data.phantom import Tissue, make_phantom
 from SpineRigidRegLib.data.synthesis import (
+    MR_CONTRASTS,
     SynthesisSettings,
     acquire,
     mr_contrast,
@@ -425,3 +426,30 @@ def test_real_ct_pair(shared_data, spacing) -> None:
     fat = ndimage.binary_erosion((hu > -200) & (hu < -50), iterations=2)
     muscle = ndimage.binary_erosion((hu > 20) & (hu < 80), iterations=2)
     assert mr[fat].mean() > mr[muscle].mean() + 0.1
+
+
+def test_real_ct_tissue_map_has_discs_cord_and_csf_and_t2_makes_them_bright(shared_data) -> None:
+    from SpineRigidRegLib.data.subjects import load_real_case
+
+    case = load_real_case(shared_data, spacing=2.0, margin_mm=10.0)
+    tissues = sitk.GetArrayFromImage(case.tissues)
+    labels = sitk.GetArrayFromImage(case.labels)
+    assert Geometry.of(case.tissues).same_grid(Geometry.of(case.ct))
+    for tissue in (Tissue.DISC, Tissue.CORD, Tissue.CSF):
+        assert (tissues == int(tissue)).sum() > 50, tissue.name
+    # Every disc voxel lies between two vertebrae along the spine (the k axis): bone above and below it.
+    k, j, i = np.nonzero(tissues == int(Tissue.DISC))
+    column = labels[:, j, i] > 0
+    above = np.array([column[:kk, n].any() for n, kk in enumerate(k)])
+    below = np.array([column[kk + 1 :, n].any() for n, kk in enumerate(k)])
+    assert (above & below).all()
+    assert not (labels[tissues == int(Tissue.CSF)] > 0).any()
+    # T1: CSF darker than the cord; T2: brighter, and the discs brighter than the marrow.
+    images = {}
+    for name, ranges in MR_CONTRASTS.items():
+        settings = SynthesisSettings(intensity_ranges=ranges).without_motion()
+        images[name] = sitk.GetArrayFromImage(synthesize_pair(case.ct, case.labels, settings, 1, case.tissues).fixed)
+    mean = {name: {t: float(image[tissues == int(t)].mean()) for t in Tissue} for name, image in images.items()}
+    assert mean["t1"][Tissue.CSF] < mean["t1"][Tissue.CORD]
+    assert mean["t2"][Tissue.CSF] > mean["t2"][Tissue.CORD] + 0.1
+    assert mean["t2"][Tissue.DISC] > mean["t2"][Tissue.MARROW] + 0.05

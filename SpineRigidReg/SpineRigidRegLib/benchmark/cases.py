@@ -24,7 +24,7 @@ import SimpleITK as sitk
 import torch
 
 from ..data.phantom import make_phantom
-from ..data.synthesis import SynthesisSettings, SyntheticPair, synthesize_pair
+from ..data.synthesis import MR_CONTRASTS, SynthesisSettings, SyntheticPair, synthesize_pair
 from ..errors import InputError
 from ..geometry import Geometry
 
@@ -138,6 +138,7 @@ def phantom_case(index: int, seed: int, tiny: bool = False, settings: SynthesisS
         "orientation": "RAS" if anatomy["direction"] else "LPS",
         "motion_scale": scale,
         "grid": list(phantom.geometry.shape),
+        "mr_contrast": _contrast_name(synthesis),
     }
     return BenchmarkCase.from_pair(f"phantom-{index:02d}", PHANTOM, seed, pair, description)
 
@@ -151,7 +152,7 @@ def real_case(
     real = load_real_case(shared_data, spacing=1.0, margin_mm=margin_mm)
     scale = MOTION_SCALES[index % len(MOTION_SCALES)]
     synthesis = _scaled_motion(settings or SynthesisSettings(), scale)
-    pair = synthesize_pair(real.ct, real.labels, synthesis, seed=seed)
+    pair = synthesize_pair(real.ct, real.labels, synthesis, seed=seed, tissues=real.tissues)
     geometry = Geometry.of(real.ct)
     description = {
         "vertebrae": int(np.count_nonzero(np.unique(sitk.GetArrayViewFromImage(real.labels)))),
@@ -159,42 +160,55 @@ def real_case(
         "orientation": "RAS",
         "motion_scale": scale,
         "grid": list(geometry.shape),
+        "mr_contrast": _contrast_name(synthesis),
     }
     return BenchmarkCase.from_pair(f"real-{index:02d}", REAL, seed, pair, description)
 
 
+def _contrast_name(settings: SynthesisSettings) -> str:
+    return next((name for name, ranges in MR_CONTRASTS.items() if ranges == settings.intensity_ranges), "custom")
+
+
 @dataclass(frozen=True)
 class CaseSpec:
-    """How to rebuild one case: ``source``, ``index`` within its source, and ``seed``."""
+    """How to rebuild one case: ``source``, ``index`` within its source, ``seed``, and the MR ``contrast`` (a key of
+    :data:`..data.synthesis.MR_CONTRASTS`)."""
 
     source: str
     index: int
     seed: int
+    contrast: str = "t1"
 
     @property
     def name(self) -> str:
         return f"{self.source}-{self.index:02d}"
 
 
-def case_specs(count: int, real_count: int = 0, seed: int = 0) -> list[CaseSpec]:
-    """``count`` case specifications: ``real_count`` real-CT cases first, then phantoms; seeds from ``seed``."""
+def case_specs(count: int, real_count: int = 0, seed: int = 0, contrast: str = "t1") -> list[CaseSpec]:
+    """``count`` case specifications: ``real_count`` real-CT cases first, then phantoms; seeds from ``seed``; MR-like
+    images of ``contrast``."""
+    if contrast not in MR_CONTRASTS:
+        raise InputError(f"unknown MR contrast {contrast!r}; choose from {sorted(MR_CONTRASTS)}")
     if count < 1:
         raise InputError(f"the benchmark needs at least one case, got {count}")
     if not 0 <= real_count <= count:
         raise InputError(f"real_count must be between 0 and the number of cases ({count}), got {real_count}")
-    specs = [CaseSpec(REAL, i, seed + 1000 + i) for i in range(real_count)]
-    specs += [CaseSpec(PHANTOM, i, seed + 2000 + i) for i in range(count - real_count)]
+    specs = [CaseSpec(REAL, i, seed + 1000 + i, contrast) for i in range(real_count)]
+    specs += [CaseSpec(PHANTOM, i, seed + 2000 + i, contrast) for i in range(count - real_count)]
     return specs
 
 
 def build_case(spec: CaseSpec, shared_data: str | Path | None = None, tiny: bool = False) -> BenchmarkCase:
     """Build the case of ``spec`` (real cases need ``shared_data``)."""
+    if spec.contrast not in MR_CONTRASTS:
+        raise InputError(f"unknown MR contrast {spec.contrast!r}; choose from {sorted(MR_CONTRASTS)}")
+    settings = SynthesisSettings(intensity_ranges=MR_CONTRASTS[spec.contrast])
     if spec.source == REAL:
         if shared_data is None:
             raise InputError("real-CT cases need the shared data folder")
-        return real_case(spec.index, spec.seed, shared_data)
+        return real_case(spec.index, spec.seed, shared_data, settings)
     if spec.source == PHANTOM:
-        return phantom_case(spec.index, spec.seed, tiny=tiny)
+        return phantom_case(spec.index, spec.seed, tiny=tiny, settings=settings)
     raise InputError(f"unknown case source {spec.source!r}")
 
 

@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for elastix and torch (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="base seed of the cases")
     parser.add_argument("--no-real-data", action="store_true", help="phantom cases only")
+    parser.add_argument(
+        "--mr-contrast", choices=("t1", "t2"), default="t1", help="contrast of the MR-like images (default t1)"
+    )
     parser.add_argument("--shared-data", type=Path, default=DEFAULT_SHARED_DATA, help="folder with the real data")
     parser.add_argument("--tiny", action="store_true", help="tiny 3-vertebra phantoms (tests and smoke runs)")
     parser.add_argument(
@@ -119,7 +122,7 @@ def _run(args: argparse.Namespace) -> int:
     real_count = (args.real_cases if args.real_cases is not None else max(1, args.cases // 3)) if use_real else 0
     if real_count > args.cases:
         raise InputError(f"--real-cases ({real_count}) exceeds --cases ({args.cases})")
-    specs = case_specs(args.cases, real_count, args.seed)
+    specs = case_specs(args.cases, real_count, args.seed, args.mr_contrast)
     methods, notes = default_methods(args.elastix_iterations, args.manifest, args.threads, args.refine_steps)
     if not use_real and not args.no_real_data and not args.tiny:
         notes.append(f"real-CT cases skipped: {args.shared_data} does not hold the TotalSegmentator example")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
 from ..errors import InputError
 from ..geometry import Geometry
@@ -48,6 +49,8 @@ _REQUIRED = {
 
 #: The TotalSegmentator example files under the shared data folder.
 TOTALSEGMENTATOR_EXAMPLE = "totalsegmentator-examples"
+#: TotalSegmentator v2 "total" id of the spinal cord.
+TOTALSEGMENTATOR_SPINAL_CORD = 79
 
 
 @dataclass(frozen=True)
@@ -240,12 +243,15 @@ class RealCase:
         labels: uint16 vertebra labels (TotalSegmentator numbering), same grid as ``ct``.
         scheme: The label numbering.
         source: Where the files came from.
+        tissues: uint8 :class:`~.phantom.Tissue` classes on the same grid for the MR synthesiser
+            (:func:`spine_tissue_map`), or ``None``.
     """
 
     ct: sitk.Image
     labels: sitk.Image
     scheme: str
     source: str
+    tissues: sitk.Image | None = None
 
 
 def labels_on_image_grid(labels: sitk.Image, image: sitk.Image) -> sitk.Image:
@@ -372,11 +378,55 @@ def load_real_case(
         if not path.is_file():
             raise InputError(f"TotalSegmentator example file not found: {path}")
     ct = sitk.Cast(read_image(ct_path), sitk.sitkFloat32)
-    seg = bone_aligned_slices(read_image(seg_path), ct, set(TOTALSEGMENTATOR_VERTEBRAE))
-    labels = vertebra_labels_only(labels_on_image_grid(seg, ct), TOTALSEGMENTATOR)
+    seg = labels_on_image_grid(bone_aligned_slices(read_image(seg_path), ct, set(TOTALSEGMENTATOR_VERTEBRAE)), ct)
+    labels = vertebra_labels_only(seg, TOTALSEGMENTATOR)
     labels = sitk.Cast(_drop_fragments(labels), sitk.sitkUInt16)
+    cord = sitk.Cast(seg == TOTALSEGMENTATOR_SPINAL_CORD, sitk.sitkUInt8)
+    cord, _ = crop_to_labels(cord, labels, margin_mm, max_in_plane_mm)
     ct, labels = crop_to_labels(ct, labels, margin_mm, max_in_plane_mm)
     if spacing is not None:
         ct = resample_isotropic(ct, spacing)
         labels = resample_isotropic(labels, spacing, is_label=True)
-    return RealCase(ct=ct, labels=labels, scheme=TOTALSEGMENTATOR, source=str(folder))
+        cord = resample_isotropic(cord, spacing, is_label=True)
+    tissues = spine_tissue_map(ct, labels, cord)
+    return RealCase(ct=ct, labels=labels, scheme=TOTALSEGMENTATOR, source=str(folder), tissues=tissues)
+
+
+def spine_tissue_map(
+    ct: sitk.Image, labels: sitk.Image, cord: sitk.Image | None = None, csf_mm: float = 2.5, disc_gap_mm: float = 12.0
+) -> sitk.Image:
+    """:class:`~.phantom.Tissue` classes of a real spine CT, for an MR synthesised from it.
+
+    CT numbers and the vertebra labels give air, fat, muscle and bone (:func:`.synthesis.tissue_classes_from_ct`);
+    what they cannot tell from muscle, and what makes a T2 image of the spine, is added from anatomy: the
+    intervertebral discs (soft tissue closing the gaps between consecutive vertebrae along the image's ``k`` axis,
+    up to ``disc_gap_mm``, so the scan must be axial), the spinal cord (``cord``, a segmentation on the same grid)
+    and the CSF around it (the cord grown by ``csf_mm``, outside bone).
+
+    Returns:
+        uint8 classes on the CT's grid.
+    """
+    from .phantom import Tissue
+    from .synthesis import tissue_classes_from_ct
+
+    ct_array = sitk.GetArrayFromImage(ct).astype(np.float32)
+    label_array = sitk.GetArrayFromImage(labels).astype(np.int64)
+    classes = tissue_classes_from_ct(torch.from_numpy(ct_array)[None, None], torch.from_numpy(label_array)[None, None])
+    classes = classes[0, 0].numpy().astype(np.uint8)
+    soft = classes == int(Tissue.MUSCLE)
+    spacing_k = ct.GetSpacing()[2]
+    reach = max(int(round(disc_gap_mm / 2.0 / spacing_k)), 1)
+    vertebrae = sitk.Cast(labels > 0, sitk.sitkUInt8)
+    closed = sitk.GetArrayFromImage(sitk.BinaryMorphologicalClosing(vertebrae, [0, 0, reach], sitk.sitkBox))
+    classes[(closed > 0) & soft] = int(Tissue.DISC)
+    if cord is not None:
+        cord_array = sitk.GetArrayFromImage(cord) > 0
+        if cord_array.any():
+            grow = [max(int(round(csf_mm / s)), 1) for s in ct.GetSpacing()]
+            around = sitk.GetArrayFromImage(sitk.BinaryDilate(sitk.Cast(cord, sitk.sitkUInt8), grow, sitk.sitkBall))
+            bone = (classes == int(Tissue.MARROW)) | (classes == int(Tissue.CORTICAL))
+            classes[(around > 0) & ~bone & ~cord_array] = int(Tissue.CSF)
+            classes[cord_array & ~bone] = int(Tissue.CORD)
+    out = sitk.GetImageFromArray(classes)
+    out.CopyInformation(ct)
+    return out

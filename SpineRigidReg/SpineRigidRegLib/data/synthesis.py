@@ -62,6 +62,22 @@ T1_INTENSITY_RANGES: tuple[tuple[float, float], ...] = (
     (0.05, 0.15),  # CSF
 )
 
+#: T2-weighted (fast spin echo) intensity ranges, in class order: CSF and disc nuclei bright, fat bright, marrow
+#: intermediate, muscle and cortical bone dark (the contrast of most clinical sagittal spine MR).
+T2_INTENSITY_RANGES: tuple[tuple[float, float], ...] = (
+    (0.0, 0.03),  # background / air
+    (0.60, 0.80),  # fat
+    (0.12, 0.25),  # muscle
+    (0.0, 0.06),  # cortical bone
+    (0.32, 0.50),  # marrow
+    (0.50, 0.85),  # disc
+    (0.28, 0.40),  # cord
+    (0.85, 1.0),  # CSF
+)
+
+#: Named MR contrasts of the synthesiser (``SynthesisSettings.intensity_ranges``).
+MR_CONTRASTS: dict[str, tuple[tuple[float, float], ...]] = {"t1": T1_INTENSITY_RANGES, "t2": T2_INTENSITY_RANGES}
+
 # CT number bands (HU) that classify a CT without a tissue map (see _classes_from_ct).
 _AIR_HU, _FAT_HU, _BONE_HU, _CORTICAL_HU = -500.0, -30.0, 200.0, 500.0
 # Reference HU and scale of the CT-driven texture per class.
@@ -99,7 +115,8 @@ class SynthesisSettings:
         integration_steps: Scaling-and-squaring steps.
 
     MR appearance:
-        intensity_ranges: T1 intensity range per tissue class (see :data:`T1_INTENSITY_RANGES`).
+        intensity_ranges: Intensity range per tissue class (:data:`T1_INTENSITY_RANGES`, or another of
+            :data:`MR_CONTRASTS`).
         texture_strength: Largest intensity change driven by the CT number within a class.
         class_noise: Largest within-class standard deviation (before blur).
         blur_mm: Range of the Gaussian blur sigma.

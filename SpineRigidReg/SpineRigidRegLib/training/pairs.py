@@ -118,7 +118,8 @@ class RealVolumes:
             if self.data_dir is None:
                 raise InputError("real pairs need data.real_data_dir")
             case = load_real_case(self.data_dir, spacing=self.spacing_mm)
-            self._anatomy = _Anatomy(image_to_tensor(case.ct), image_to_tensor(case.labels, torch.int64), None)
+            tissues = None if case.tissues is None else image_to_tensor(case.tissues, torch.int64)
+            self._anatomy = _Anatomy(image_to_tensor(case.ct), image_to_tensor(case.labels, torch.int64), tissues)
         return self._anatomy
 
 
