@@ -153,6 +153,16 @@ def test_pairs_synthesised_on_the_gpu_match_the_cpu_pairs_and_stay_there(source,
     assert pool.batch(0).fixed.is_cuda
 
 
+def test_mr_contrast_of_training_pairs_changes_the_image_only():
+    config = tiny_config()
+    t1 = make_pair("phantom", 4, config.data, config.synthesis)
+    t2 = make_pair("phantom", 4, config.override(data={"mr_contrasts": ["t2"]}).data, config.synthesis)
+    assert torch.equal(t1.fixed_labels, t2.fixed_labels) and torch.equal(t1.true_displacement, t2.true_displacement)
+    assert float((t1.fixed - t2.fixed).abs().mean()) > 0.05
+    with pytest.raises(InputError, match="mr_contrasts"):
+        config.override(data={"mr_contrasts": ["flair"]})
+
+
 def test_augmented_pairs_keep_their_true_field_consistent_with_the_labels():
     # No crop (synth size = crop size) and no pre-alignment shift at the edges: exact agreement expected.
     config = tiny_config(data={"augment_gamma": 0.0, "prealign": False})

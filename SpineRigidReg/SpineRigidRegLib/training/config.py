@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from ..data.synthesis import SynthesisSettings
+from ..data.synthesis import MR_CONTRASTS, SynthesisSettings
 from ..errors import InputError
 from ..losses.rigidity import RIGIDITY_LOSSES
 from ..losses.similarity import SIMILARITY_LOSSES
@@ -52,6 +52,8 @@ class DataConfig:
             under ``real_data_dir``).
         phantom: Weight of ground-truth pairs synthesised from procedural phantoms of varied anatomy.
         label_contrast: Weight of label-only pairs with a random contrast per image (contrast-agnostic training).
+        mr_contrasts: MR contrasts of the real and phantom pairs (keys of :data:`..data.synthesis.MR_CONTRASTS`),
+            one drawn per pair; the default ``("t1",)`` uses the synthesis section's ``intensity_ranges`` as given.
         real_data_dir: Shared data folder holding ``totalsegmentator-examples/`` (relative paths are resolved from
             the working directory); needed when ``real > 0``.
         crop_size: Training crop ``(D, H, W)`` voxels; each a multiple of 16.
@@ -77,6 +79,7 @@ class DataConfig:
     real: float = 0.0
     phantom: float = 1.0
     label_contrast: float = 0.0
+    mr_contrasts: tuple[str, ...] = ("t1",)
     real_data_dir: str | None = None
     crop_size: tuple[int, int, int] = (64, 64, 64)
     synth_size: tuple[int, int, int] = (80, 80, 80)
@@ -98,6 +101,8 @@ class DataConfig:
             _finite_non_negative(f"data.{name}", getattr(self, name))
         if sum(getattr(self, name) for name in PAIR_SOURCES) <= 0:
             raise InputError(f"at least one pair source ({', '.join(PAIR_SOURCES)}) needs a weight > 0")
+        if not self.mr_contrasts or any(c not in MR_CONTRASTS for c in self.mr_contrasts):
+            raise InputError(f"data.mr_contrasts must be some of {sorted(MR_CONTRASTS)}, got {self.mr_contrasts!r}")
         if self.real > 0 and not self.real_data_dir:
             raise InputError("data.real > 0 needs data.real_data_dir (the folder holding totalsegmentator-examples/)")
         for name in ("crop_size", "synth_size"):

@@ -31,14 +31,14 @@ import logging
 import math
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from ..data.phantom import make_phantom
 from ..data.subjects import load_real_case
-from ..data.synthesis import SynthesisSettings, synthesize_label_contrast_pair, synthesize_pair
+from ..data.synthesis import MR_CONTRASTS, SynthesisSettings, synthesize_label_contrast_pair, synthesize_pair
 from ..errors import InputError
 from ..geometry import Geometry, image_to_tensor, tensor_to_image
 from ..preprocess import normalize_intensity
@@ -237,6 +237,11 @@ def make_pair(
         )
         made = TrainingPair(fixed, moving, moving_labels, fixed_labels, source, field)
         return prealigned(made) if data.prealign else made
+    if len(data.mr_contrasts) > 1:  # (one contrast draws nothing: the pairs of earlier runs stay the same)
+        contrast = data.mr_contrasts[_randint(generator, 0, len(data.mr_contrasts) - 1)]
+        synthesis = replace(synthesis, intensity_ranges=MR_CONTRASTS[contrast])
+    elif data.mr_contrasts[0] != "t1":
+        synthesis = replace(synthesis, intensity_ranges=MR_CONTRASTS[data.mr_contrasts[0]])
     geometry = Geometry(
         shape=tuple(data.synth_size), spacing=spacing, origin=(0.0, 0.0, 0.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)
     )
