@@ -164,7 +164,10 @@ def _run(args: argparse.Namespace) -> int:
         f" SD log|J|: {s.get('sd_log_jacobian', float('nan')):.3f}"
     )
     print("timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items()))
-    print(f"outputs in {args.out}/ (QA picture: {outputs['qa']}; transform for Slicer/ITK: {outputs['transform']})")
+    print(
+        f"outputs in {args.out}/ (QA picture: {outputs['qa']}; transform for Slicer/ITK: {outputs['transform']}; "
+        f"its inverse, CT -> MR points: {outputs['inverse_transform']})"
+    )
     return 0
 
 
