@@ -426,8 +426,11 @@ def _results_section(run: BenchmarkRun, meta: Mapping, rel: str) -> list[str]:
         "(Par0004 raises it to 4.0 at the last level, which froze the vertebrae here) and no dilation of the "
         "rigidity image (it would merge neighbouring vertebrae). *ours*: `pipeline.register` with the bundled or "
         "listed checkpoint: the network alone (also every listed checkpoint, as in the paper's Table 1), the "
-        "default pipeline (network + vertebra-wise rigid alignment, `SpineRigidRegLib.polyrigid`), and the default "
-        "followed by dense test-time refinement (`SpineRigidRegLib.refine`).",
+        "default pipeline (network + vertebra-wise rigid alignment, `SpineRigidRegLib.polyrigid`), the default "
+        "followed by dense test-time refinement (`SpineRigidRegLib.refine`), and the default given no MR points, "
+        "so that it pre-aligns automatically (`prealign.automatic_prealignment`: the CT vertebrae's centroid brought "
+        "into the MR's view, then a Mattes MI rigid registration; here MR and CT share their field of view, an easier "
+        "start than most clinical pairs give it).",
         "",
     ]
     notes = list(dict.fromkeys(meta.get("notes", []) + run.notes))

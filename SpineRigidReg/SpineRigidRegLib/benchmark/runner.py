@@ -50,6 +50,7 @@ ELASTIX = "elastix B-spline (no penalty)"
 NETWORK_ONLY = "ours: bundled network only"
 BUNDLED = "ours: network + vertebra-wise rigid (default)"
 BUNDLED_REFINED = "ours: default + dense refinement"
+BUNDLED_AUTOMATIC = "ours: default, automatic pre-alignment (no points)"
 
 KIND_INITIAL = "initial"
 KIND_ELASTIX = "elastix"
@@ -70,6 +71,8 @@ class Method:
         refine_steps: Test-time refinement steps of a model row.
         vertebra_rigid_steps: Steps of the vertebra-wise rigid stage of a model row (``None``: the pipeline's
             default).
+        landmarks: Pre-align a model row from the MR's vertebra centre points (as every other row); ``False``
+            gives the pipeline none, so it runs its automatic pre-alignment (what a user without points gets).
     """
 
     name: str
@@ -78,6 +81,7 @@ class Method:
     checkpoint: str | None = None
     refine_steps: int = 0
     vertebra_rigid_steps: int | None = None
+    landmarks: bool = True
 
 
 def bundled_model_available() -> bool:
@@ -141,6 +145,7 @@ def default_methods(
     if include_bundled and bundled_model_available():
         methods.append(Method(NETWORK_ONLY, KIND_MODEL, vertebra_rigid_steps=0))
         methods.append(Method(BUNDLED, KIND_MODEL))
+        methods.append(Method(BUNDLED_AUTOMATIC, KIND_MODEL, landmarks=False))
         if refine_steps > 0:
             methods.append(Method(BUNDLED_REFINED, KIND_MODEL, refine_steps=refine_steps))
     elif include_bundled:
@@ -384,7 +389,7 @@ def run_method(method: Method, case: BenchmarkCase, models: ModelCache | None = 
                 case.fixed,
                 case.moving,
                 case.moving_labels,
-                fixed_landmarks=named_centroids(case.fixed_labels),
+                fixed_landmarks=named_centroids(case.fixed_labels) if method.landmarks else None,
                 settings=settings,
                 network=network,
             )
@@ -713,6 +718,7 @@ def speed_benchmark(
 
 __all__ = [
     "BUNDLED",
+    "BUNDLED_AUTOMATIC",
     "BUNDLED_REFINED",
     "NETWORK_ONLY",
     "ELASTIX",
