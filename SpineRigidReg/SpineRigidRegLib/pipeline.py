@@ -114,7 +114,8 @@ class RegistrationResult:
         part's inverse, ``exp(-v)`` of the same stationary velocity (``inverse_displacement``, LPS mm on ``grid``).
 
         It carries CT points (a screw plan, a bone model) into the MR and resamples the MR onto the CT's grid; its
-        composition with :attr:`transform` is the identity up to the integration's error (hundredths of a mm).
+        composition with :attr:`transform` is the identity up to the integration's error (0.02 mm on average, under
+        0.1 mm, for a 4.6 mm deformation in the tests).
         """
         if self.inverse_displacement is None:
             raise InputError("this result holds no inverse field")

@@ -14,10 +14,10 @@ With ``data.prealign`` each pair's CT is then shifted by whole voxels as the pip
 it (:func:`prealigned`).
 
 Synthesis costs several network steps on a CPU, so :class:`PairPool` keeps ``pool_size`` pairs on a grid of
-``synth_size`` and replaces the oldest every ``refresh_every`` steps. On a GPU the pool synthesises and keeps its pairs
-there (the motion, warps, blur and noise are torch; only the phantom's geometry is drawn on the CPU): a CPU pipeline
-could not feed a GPU's steps. Every pair and every draw is a function of
-(seed, rank, index) alone, so a resumed run sees exactly the pairs the interrupted one would have seen.
+``synth_size`` and replaces the oldest every ``refresh_every`` steps. On a GPU the pool synthesises and keeps its
+pairs there (the motion, warps, blur and noise are torch; only the phantom's geometry is drawn on the CPU): a CPU
+pipeline could not feed a GPU's steps. Every pair and every draw is a function of (seed, rank, index) alone, so a
+resumed run sees exactly the pairs the interrupted one would have seen.
 
 All tensors are ``(B, 1, D, H, W)``: ``fixed`` (MR-like) and ``moving`` (CT) intensities in [0, 1] as the pipeline
 normalises them, ``moving_labels`` / ``fixed_labels`` int64 vertebra labels (``fixed_labels`` = the moving labels
