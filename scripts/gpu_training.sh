@@ -3,6 +3,10 @@
 #
 #   scripts/gpu_training.sh prepare   here, once: fills .carry/ (git-ignored) with what the GPU machine lacks: the
 #                                     SimpleITK wheel for its Python 3.12 and a copy of the real data (../shared/data)
+#   scripts/gpu_training.sh seg       there, with .carry: trains the MR vertebra segmentation network
+#                                     (srr-train-segmentation) in SEG_VARIANTS side by side on the one GPU for
+#                                     SEG_MINUTES, each resuming from .carry/seg/<variant>/last.pt when present; leaves
+#                                     each variant's last.pt in $OUT and their curves and logs in $OUT/seg_logs.tar.gz
 #   scripts/gpu_training.sh run       there, from the repository root, with .carry carried along: checks the GPU
 #                                     synthesis against the CPU's (pytest), trains stage 1 (default_gpu_baseline) and
 #                                     stage 2 (default_gpu) within their schedule.max_minutes, exports the model with
@@ -60,8 +64,46 @@ run() {
     ls -la "$out" "$out/model"
 }
 
+setup_python() {
+    if ! python3 -c "import SimpleITK" 2>/dev/null; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .carry/whl/*.whl
+        export PYTHONPATH=/tmp/site
+    fi
+    export PYTHONPATH=$PWD/SpineRigidReg${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+}
+
+# Variants trained side by side (a small UNet leaves most of one GPU idle): name and extra arguments.
+SEG_VARIANTS=${SEG_VARIANTS:-"default: phantoms0:--phantoms,0 rot30:--rotation-deg,30,--phantoms,24 bigpatch:--patch,96,128,128,--batch,4"}
+
+seg() {
+    local out=${OUT:-out/gpu} device=${DEVICE:-cuda} minutes=${SEG_MINUTES:-7} runs=/tmp/srr-seg
+    mkdir -p "$out" "$runs"
+    setup_python
+    local pids=() names=() variant name extra
+    for variant in $SEG_VARIANTS; do
+        name=${variant%%:*} extra=${variant#*:}
+        mkdir -p "$runs/$name"
+        [[ -f .carry/seg/$name/last.pt ]] && cp .carry/seg/$name/last.pt "$runs/$name/"
+        # shellcheck disable=SC2086
+        python3 -m SpineRigidRegLib.cli.train_segmentation --out "$runs/$name" --device "$device" \
+            --real-data-dir .carry/data --max-minutes "$minutes" --decay-minutes "$minutes" --threads 4 \
+            --batch "${SEG_BATCH:-8}" ${extra//,/ } \
+            ${SEG_ARGS:-} >"$runs/$name/train.log" 2>&1 &
+        pids+=($!) names+=("$name")
+    done
+    local i status=0
+    for i in "${!pids[@]}"; do
+        wait "${pids[$i]}" || { status=1; echo "== ${names[$i]} failed"; }
+        echo "== ${names[$i]}"; tail -4 "$runs/${names[$i]}/curve.csv" 2>/dev/null; tail -2 "$runs/${names[$i]}/train.log"
+        [[ -f $runs/${names[$i]}/last.pt ]] && cp "$runs/${names[$i]}/last.pt" "$out/${names[$i]}.pt"
+    done
+    tar czf "$out/seg_logs.tar.gz" --exclude='*.pt' -C "$runs" .
+    return $status
+}
+
 case "${1:-}" in
     prepare) prepare ;;
     run) run ;;
-    *) echo "usage: $0 prepare|run" >&2; exit 2 ;;
+    seg) seg ;;
+    *) echo "usage: $0 prepare|run|seg" >&2; exit 2 ;;
 esac

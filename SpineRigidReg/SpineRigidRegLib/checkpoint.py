@@ -65,8 +65,13 @@ def save_checkpoint(path: str | os.PathLike, network: RegistrationNet, **extra: 
     return path
 
 
-def read_checkpoint(path: str | os.PathLike, expected_sha256: str | None = None) -> dict:
-    """Load a checkpoint dictionary safely (``weights_only=True``) after an optional sha256 check."""
+def read_checkpoint(
+    path: str | os.PathLike, expected_sha256: str | None = None, expected_format: str = CHECKPOINT_FORMAT
+) -> dict:
+    """Load a checkpoint dictionary safely (``weights_only=True``) after an optional sha256 check.
+
+    ``expected_format`` tells the kinds of network apart (registration: :data:`CHECKPOINT_FORMAT`; MR segmentation:
+    :data:`..segmentation.net.SEGMENTATION_FORMAT`)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"model file not found: {path}")
@@ -81,8 +86,9 @@ def read_checkpoint(path: str | os.PathLike, expected_sha256: str | None = None)
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for truncated or foreign files
         raise InputError(f"cannot read model file {path.name}: {error.__class__.__name__}") from error
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise InputError(f"{path.name} is not a SpineRigidReg checkpoint")
+    if not isinstance(payload, dict) or payload.get("format") != expected_format:
+        found = payload.get("format") if isinstance(payload, dict) else None
+        raise InputError(f"{path.name} is not a {expected_format} file (format {found!r})")
     if int(payload.get("version", 0)) > CHECKPOINT_VERSION:
         raise InputError(f"{path.name} needs a newer SpineRigidReg (checkpoint version {payload['version']})")
     return payload

@@ -34,6 +34,8 @@ from .prealign import Prealignment, prealign
 from .preprocess import field_of_view, normalize_intensity, resample_to_reference
 from .refine import RefineWeights, refine_velocity
 from .rigid import fit_rigid
+from .segmentation.align import bone_prealignment
+from .segmentation.stage import add_mr_bone_agreement, segment_mr
 from .warp import integrate_velocity, resize_displacement, warp_labels
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,11 @@ class RegistrationSettings:
         model_path: A checkpoint to use instead of the bundled model.
         margin_mm: Margin around the CT vertebrae included in the processing grid.
         spacing_mm: Processing grid spacing (the paper resamples to 1 mm).
+        mr_segmentation: Find the vertebrae in the MR with the bundled segmentation network (an output and the
+            per-vertebra ``mr_bone_percent`` check; :mod:`.segmentation.stage`).
+        bone_prealign: Without MR points, pre-align the CT's vertebrae onto the MR's predicted bone
+            (:mod:`.segmentation.align`) instead of the intensity search; falls back to it when refused. Off by
+            default until the segmentation is accurate on every benchmark tier (docs/BENCHMARKS.md).
     """
 
     device: str = "auto"
@@ -77,6 +84,8 @@ class RegistrationSettings:
     model_path: str | None = None
     margin_mm: float = 20.0
     spacing_mm: float = 1.0
+    mr_segmentation: bool = True
+    bone_prealign: bool = False
 
     def __post_init__(self) -> None:
         if self.refine_steps < 0:
@@ -108,6 +117,7 @@ class RegistrationResult:
     grid: Geometry
     fixed: sitk.Image | None = None
     inverse_displacement: sitk.Image | None = None
+    mr_vertebrae: sitk.Image | None = None
 
     def inverse_transform(self) -> sitk.Transform:
         """The inverse map, moving (CT) point -> fixed (MR) point: the pre-alignment undone, then the deformable
@@ -430,16 +440,25 @@ def register(
     _check_cancel(should_cancel)
 
     t = time.perf_counter()
+    mr_bone = segment_mr(fixed, device) if settings.mr_segmentation else None
+    timings["mr_segmentation"] = time.perf_counter() - t
+    _check_cancel(should_cancel)
+
+    t = time.perf_counter()
     names = _label_names(moving_labels)
-    pre = prealign(
-        fixed,
-        moving,
-        moving_labels,
-        fixed_landmarks,
-        moving_landmarks,
-        label_names=names,
-        progress=_report(progress, 0.05, 0.2),
-    )
+    pre = None
+    if settings.bone_prealign and fixed_landmarks is None and mr_bone is not None:
+        pre = bone_prealignment(fixed, sitk.Cast(mr_bone, sitk.sitkFloat32), moving_labels)
+    if pre is None:
+        pre = prealign(
+            fixed,
+            moving,
+            moving_labels,
+            fixed_landmarks,
+            moving_landmarks,
+            label_names=names,
+            progress=_report(progress, 0.05, 0.2),
+        )
     timings["prealign"] = time.perf_counter() - t
     _check_cancel(should_cancel)
 
@@ -508,6 +527,9 @@ def register(
     for row in rows:
         row["name"] = names.get(int(row["label"]), str(row["label"]))
     _add_mr_coverage(rows, warped_labels_t, inside > 0)
+    if mr_bone is not None:
+        bone_t = image_to_tensor(resample_to_reference(mr_bone, grid, is_label=True)) > 0
+        add_mr_bone_agreement(rows, warped_labels_t, bone_t)
     if fixed_landmarks is not None and moving_landmarks is not None:
         _add_landmark_errors(rows, composite, fixed_landmarks, moving_landmarks)
     field_stats = metrics.field_summary(displacement, spacing, mask=inside > 0, jacobian=jac_matrix)
@@ -546,6 +568,7 @@ def register(
         grid=grid,
         fixed=fixed,
         inverse_displacement=inverse_image,
+        mr_vertebrae=mr_bone,
     )
 
 
@@ -688,6 +711,9 @@ def write_outputs(
         with open(staging / names["summary"], "w", encoding="utf-8") as stream:
             json.dump({**result.summary, "timings_s": result.timings}, stream, indent=2, default=_json_default)
         save_qa_figure(result, staging / names["qa"], fixed=result.fixed)
+        if result.mr_vertebrae is not None:
+            names["mr_vertebrae"] = "mr_vertebrae_predicted.nii.gz"
+            sitk.WriteImage(result.mr_vertebrae, str(staging / names["mr_vertebrae"]), True)
         paths = {}
         for key, name in names.items():
             os.replace(staging / name, out_dir / name)

@@ -79,6 +79,7 @@ class OutputNodes:
     table: str
     chart: str
     series: list[str]
+    mrVertebrae: str | None = None
 
     def all(self) -> list[str]:
         return [
@@ -90,6 +91,7 @@ class OutputNodes:
             self.table,
             self.chart,
             *self.series,
+            *([self.mrVertebrae] if self.mrVertebrae else []),
         ]
 
 
@@ -452,6 +454,17 @@ class SpineRigidRegLogic:
                 for i, (title, _) in enumerate(outputs.PLOT_SERIES)
             ]
             outputs.fillChart(chart, table, series)
+            mrVertebrae = None
+            if result.mr_vertebrae is not None:
+                mrVertebrae = node(ids and ids.mrVertebrae, "vtkMRMLSegmentationNode", f"{mr} vertebrae (predicted)")
+                if mrVertebrae.GetDisplayNode() is None:
+                    mrVertebrae.CreateDefaultDisplayNodes()
+                mrVertebrae.SetDescription("vertebral bone found in the MR by the segmentation network (no MR labels)")
+                nodes.updateSegmentationFromLabelImage(
+                    mrVertebrae, result.mr_vertebrae, {1: "vertebral bone (MR, predicted)"}, {1: (0.95, 0.85, 0.3)}
+                )
+                if mrNode is not None:
+                    mrVertebrae.SetReferenceImageGeometryParameterFromVolumeNode(mrNode)
         except Exception:
             # Remove every node added since the start (outputs and their display/legend nodes), newest first.
             added = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
@@ -470,6 +483,7 @@ class SpineRigidRegLogic:
             table=table.GetID(),
             chart=chart.GetID(),
             series=[s.GetID() for s in series],
+            mrVertebrae=mrVertebrae.GetID() if mrVertebrae is not None else None,
         )
 
     @staticmethod

@@ -33,6 +33,7 @@ TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("dice", "DSC", "double"),
     ("tre_mm", "TRE (mm)", "double"),
     ("mr_coverage_percent", "In MR view (%)", "double"),
+    ("mr_bone_percent", "On MR bone (%)", "double"),
 )
 #: Columns holding the warped vertebra's centre (RAS mm), used to centre the views on a row.
 CENTRE_COLUMNS = ("R", "A", "S")

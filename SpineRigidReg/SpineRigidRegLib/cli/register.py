@@ -32,6 +32,7 @@ TABLE_COLUMNS = [
     ("dice", "DSC", "{:.3f}"),
     ("tre_mm", "TRE mm", "{:.2f}"),
     ("mr_coverage_percent", "in MR %", "{:.0f}"),
+    ("mr_bone_percent", "on MR bone %", "{:.0f}"),
 ]
 
 
@@ -81,6 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_argument("--device", default="auto", help="auto (GPU when available), cpu or cuda")
     options.add_argument("--model", type=Path, help="a checkpoint to use instead of the bundled model")
     options.add_argument(
+        "--no-mr-segmentation",
+        action="store_true",
+        help="do not predict the MR's vertebrae (no mr_vertebrae_predicted.nii.gz, no 'on MR bone' column)",
+    )
+    options.add_argument(
+        "--prealign-from-bone",
+        action="store_true",
+        help="without MR points, pre-align onto the MR's predicted vertebrae instead of the intensity search "
+        "(experimental: docs/BENCHMARKS.md)",
+    )
+    options.add_argument(
         "--rigidity",
         default=None,
         help="refinement rigidity weights, e.g. 'rigid_field=0.04,pc=0.4,oc=0.2,rigid_dice=0' (the defaults)",
@@ -129,7 +141,12 @@ def _run(args: argparse.Namespace) -> int:
     moving_landmarks = io.read_landmarks(paths["moving_landmarks"]) if paths.get("moving_landmarks") else None
     point_pairs = _point_pairs(*args.point_pairs) if args.point_pairs else None
 
-    settings = RegistrationSettings(device=args.device, model_path=str(args.model) if args.model else None)
+    settings = RegistrationSettings(
+        device=args.device,
+        model_path=str(args.model) if args.model else None,
+        mr_segmentation=not args.no_mr_segmentation,
+        bone_prealign=args.prealign_from_bone,
+    )
     if args.refine_steps is not None:
         settings = replace(settings, refine_steps=args.refine_steps)
     if args.vertebra_steps is not None:

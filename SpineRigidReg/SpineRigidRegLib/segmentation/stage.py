@@ -1,0 +1,58 @@
+"""The MR segmentation as a stage of the registration pipeline (:func:`..pipeline.register`).
+
+It finds the vertebrae in the MR (an output, ``mr_vertebrae_predicted.nii.gz``) and gives each registered CT
+vertebra a check that needs no MR labels: the share of it that lands on bone the network sees in the MR
+(``mr_bone_percent``). A low value flags a vertebra to look at: misregistered, or bone the network missed (its
+accuracy on real MR is in docs/BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+
+import SimpleITK as sitk
+import torch
+
+from ..errors import InputError
+from .predict import BONE_THRESHOLD, bundled_card, load_bundled_segmentation, predict_bone
+
+logger = logging.getLogger(__name__)
+
+
+@lru_cache(maxsize=2)
+def _bundled(device: str):
+    return load_bundled_segmentation(device)
+
+
+def segment_mr(fixed: sitk.Image, device: torch.device | str = "cpu") -> sitk.Image | None:
+    """uint8 vertebral-bone mask on ``fixed``'s grid from the bundled network, or ``None`` when this installation
+    has no segmentation model (logged)."""
+    if bundled_card() is None:
+        logger.info("no bundled MR segmentation model: the MR vertebrae are not predicted")
+        return None
+    try:
+        network = _bundled(str(device))
+    except InputError as error:
+        logger.warning("MR segmentation skipped: %s", error)
+        return None
+    probability = predict_bone(fixed, network, device)
+    return sitk.Cast(probability > BONE_THRESHOLD, sitk.sitkUInt8)
+
+
+def add_mr_bone_agreement(rows: list[dict], warped_labels: torch.Tensor, mr_bone: torch.Tensor) -> None:
+    """Add ``mr_bone_percent`` to each vertebra row: the share of the registered vertebra's voxels on which the
+    network sees vertebral bone in the MR.
+
+    Args:
+        rows: Per-vertebra rows with ``label``.
+        warped_labels: ``(1, 1, D, H, W)`` registered CT labels on the processing grid.
+        mr_bone: ``(1, 1, D, H, W)`` bool predicted MR bone on the same grid.
+    """
+    flat = warped_labels.flatten().cpu()
+    size = int(flat.max()) + 1 if flat.numel() else 1
+    total = torch.bincount(flat, minlength=size)
+    on_bone = torch.bincount(flat[mr_bone.flatten().cpu()], minlength=size)
+    for row in rows:
+        v = int(row["label"])
+        row["mr_bone_percent"] = 100.0 * int(on_bone[v]) / int(total[v]) if v < size and int(total[v]) else 0.0
