@@ -10,7 +10,7 @@ import numpy as np
 
 from ..checkpoint import resources_dir
 from ..errors import InputError
-from .common import add_common_arguments, progress_bar, run_command
+from .common import add_common_arguments, check_output_folder, progress_bar, run_command
 
 SAMPLE_FILES = {
     "fixed": "mr.nii.gz",
@@ -79,7 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--refine-steps", type=int, default=None, help="dense test-time refinement steps after that (default 0)"
     )
     options.add_argument("--device", default="auto", help="auto (GPU when available), cpu or cuda")
-    options.add_argument("--model", type=Path, help="a checkpoint to use instead of the bundled model")
+    options.add_argument(
+        "--model",
+        type=Path,
+        help="a checkpoint to use instead of the bundled model; checked against the sha256 of its card "
+        "(NAME.json beside NAME.pt) when there is one",
+    )
+    options.add_argument("--model-sha256", help="the sha256 the --model file must have (overrides its card)")
     options.add_argument(
         "--rigidity",
         default=None,
@@ -120,6 +126,7 @@ def _run(args: argparse.Namespace) -> int:
     from .. import io
     from ..pipeline import RefineWeights, RegistrationSettings, register, write_outputs
 
+    check_output_folder(args.out)  # before any compute: an unwritable --out must not fail after the registration
     paths = _input_paths(args)
     fixed = io.read_image(paths["fixed"])
     moving = io.read_image(paths["moving"])
@@ -129,7 +136,11 @@ def _run(args: argparse.Namespace) -> int:
     moving_landmarks = io.read_landmarks(paths["moving_landmarks"]) if paths.get("moving_landmarks") else None
     point_pairs = _point_pairs(*args.point_pairs) if args.point_pairs else None
 
-    settings = RegistrationSettings(device=args.device, model_path=str(args.model) if args.model else None)
+    if args.model_sha256 and not args.model:
+        raise InputError("--model-sha256 needs --model")
+    settings = RegistrationSettings(
+        device=args.device, model_path=str(args.model) if args.model else None, model_sha256=args.model_sha256
+    )
     if args.refine_steps is not None:
         settings = replace(settings, refine_steps=args.refine_steps)
     if args.vertebra_steps is not None:
@@ -160,7 +171,8 @@ def _run(args: argparse.Namespace) -> int:
     print(format_table(result.vertebrae))
     s = result.summary
     print(
-        f"\npre-alignment: {result.prealign_method}; device: {s['device']}; folding voxels: {s.get('folding_voxels')};"
+        f"\npre-alignment: {result.prealign_method}; device: {s['device']}; folding voxels (det J <= 0): "
+        f"{s.get('folding_voxels')} ({s.get('folding_voxels_in_vertebrae')} inside vertebrae, the |J|<=0 column);"
         f" SD log|J|: {s.get('sd_log_jacobian', float('nan')):.3f}"
     )
     print("timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items()))
