@@ -239,3 +239,20 @@ def test_two_runs_on_the_same_inputs_write_identical_transforms(corpus, tmp_path
         summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
         assert summary["prealign_method"].startswith("automatic")
     assert np.array_equal(fields[0], fields[1])
+
+
+def test_automatic_prealignment_reports_progress_within_its_stage(corpus):
+    """The bar moves during the Mattes-MI search (per optimiser iteration), not only between resolution levels."""
+    from SpineRigidRegLib.prealign import automatic_prealignment
+
+    _, files, _ = corpus
+    reports: list[tuple[float, str]] = []
+    automatic_prealignment(
+        sitk.ReadImage(str(files["mr"])),
+        sitk.ReadImage(str(files["ct"])),
+        sitk.ReadImage(str(files["seg"])),
+        progress=lambda fraction, message: reports.append((fraction, message)),
+    )
+    fractions = [f for f, m in reports if m.startswith("automatic rigid pre-alignment")]
+    assert len(set(fractions)) > 10
+    assert all(0.0 <= f <= 1.0 for f in fractions)
