@@ -56,8 +56,16 @@ STAND_INS = {
     "qMRMLTableView": "QTableWidget",
     "qSlicerMarkupsPlaceWidget": "QToolButton",
 }
-QA_COLUMNS = [("name", "Vertebra"), ("rigid_dice", "Rigid DSC"), ("volume_change_percent", "Volume change (%)"),
-              ("pc", "PC"), ("oc", "OC"), ("folding_voxels", "Folding voxels"), ("dice", "DSC"), ("tre_mm", "TRE (mm)")]
+QA_COLUMNS = [
+    ("name", "Vertebra"),
+    ("rigid_dice", "Rigid DSC"),
+    ("volume_change_percent", "Volume change (%)"),
+    ("pc", "PC"),
+    ("oc", "OC"),
+    ("folding_voxels", "Folding voxels"),
+    ("dice", "DSC"),
+    ("tre_mm", "TRE (mm)"),
+]
 
 
 # ------------------------------------------------------------------------------------------------------ icons
@@ -77,8 +85,11 @@ def draw_icon(path: Path, size_px: int = 128) -> None:
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.axis("off")
-    ax.add_patch(FancyBboxPatch((0.03, 0.03), 0.94, 0.94, boxstyle="round,pad=0,rounding_size=0.16",
-                                facecolor="#183a5a", edgecolor="none"))
+    ax.add_patch(
+        FancyBboxPatch(
+            (0.03, 0.03), 0.94, 0.94, boxstyle="round,pad=0,rounding_size=0.16", facecolor="#183a5a", edgecolor="none"
+        )
+    )
     t = np.linspace(0.08, 0.92, 60)
     for c in np.linspace(0.14, 0.86, 7):  # a smooth deformation of a regular grid
         ax.plot(c + 0.035 * np.sin(3.2 * t + 4 * c), t, color="#47b5c4", lw=0.8, alpha=0.8)
@@ -86,10 +97,24 @@ def draw_icon(path: Path, size_px: int = 128) -> None:
     centres = [(0.47, 0.80), (0.52, 0.615), (0.545, 0.43), (0.53, 0.245)]
     angles = [12, 5, -3, -10]
     for (x, y), angle in zip(centres, angles):
-        body = FancyBboxPatch((-0.15, -0.065), 0.30, 0.13, boxstyle="round,pad=0,rounding_size=0.035",
-                              facecolor="#f3ead3", edgecolor="#8a6d3b", lw=1.0)
-        spine = FancyBboxPatch((0.12, -0.03), 0.12, 0.06, boxstyle="round,pad=0,rounding_size=0.02",
-                               facecolor="#e6d7b0", edgecolor="#8a6d3b", lw=0.8)
+        body = FancyBboxPatch(
+            (-0.15, -0.065),
+            0.30,
+            0.13,
+            boxstyle="round,pad=0,rounding_size=0.035",
+            facecolor="#f3ead3",
+            edgecolor="#8a6d3b",
+            lw=1.0,
+        )
+        spine = FancyBboxPatch(
+            (0.12, -0.03),
+            0.12,
+            0.06,
+            boxstyle="round,pad=0,rounding_size=0.02",
+            facecolor="#e6d7b0",
+            edgecolor="#8a6d3b",
+            lw=0.8,
+        )
         transform = matplotlib.transforms.Affine2D().rotate_deg(angle).translate(x, y) + ax.transData
         for patch in (spine, body):
             patch.set_transform(transform)
@@ -113,10 +138,26 @@ def qt_ready_ui(ui_text: str) -> str:
                 name = prop.get("name")
                 if cls in ("ctkCollapsibleButton",) and name == "text":
                     prop.set("name", "title")
-                elif name in ("nodeTypes", "showChildNodeTypes", "addEnabled", "removeEnabled", "renameEnabled",
-                              "noneEnabled", "collapsed", "singleStep", "maximum", "value", "buttonsVisible"):
-                    if cls in ("qMRMLNodeComboBox", "ctkCollapsibleButton", "ctkCollapsibleGroupBox", "ctkSliderWidget",
-                               "qSlicerMarkupsPlaceWidget"):
+                elif name in (
+                    "nodeTypes",
+                    "showChildNodeTypes",
+                    "addEnabled",
+                    "removeEnabled",
+                    "renameEnabled",
+                    "noneEnabled",
+                    "collapsed",
+                    "singleStep",
+                    "maximum",
+                    "value",
+                    "buttonsVisible",
+                ):
+                    if cls in (
+                        "qMRMLNodeComboBox",
+                        "ctkCollapsibleButton",
+                        "ctkCollapsibleGroupBox",
+                        "ctkSliderWidget",
+                        "qSlicerMarkupsPlaceWidget",
+                    ):
                         widget.remove(prop)
     custom = root.find("customwidgets")
     if custom is not None:

@@ -118,6 +118,33 @@ def model_card(card_path: str | os.PathLike | None = None) -> dict:
     return card
 
 
+def card_sha256(path: str | os.PathLike) -> str | None:
+    """The sha256 that a model card beside the weights file records for it, or ``None`` without such a card.
+
+    The card is ``<name>.json`` next to ``<name>.pt`` (as ``Resources/Models/default.json`` sits beside
+    ``default.pt``) and must name that file in ``weights``; a card that names it without a valid sha256 is an error.
+    """
+    path = Path(path)
+    card_path = path.with_suffix(".json")
+    if not card_path.is_file():
+        return None
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise InputError(f"the model card {card_path} beside {path.name} is not readable JSON") from error
+    if not isinstance(card, dict) or card.get("weights") != path.name:
+        return None
+    digest = card.get("sha256")
+    if not is_sha256(digest):
+        raise InputError(f"the model card {card_path} names {path.name} but holds no valid sha256")
+    return digest
+
+
+def is_sha256(value: object) -> bool:
+    """Whether ``value`` is a 64-digit hexadecimal string."""
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdefABCDEF" for c in value)
+
+
 def load_bundled_network(device: torch.device | str = "cpu", card_path: str | None = None) -> RegistrationNet:
     """Load the default model shipped under ``Resources/Models`` after checking its sha256 against the card."""
     card = model_card(card_path)

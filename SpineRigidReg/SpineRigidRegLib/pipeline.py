@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -23,7 +24,7 @@ import SimpleITK as sitk
 import torch
 
 from . import metrics
-from .checkpoint import load_bundled_network, load_network, select_device
+from .checkpoint import card_sha256, is_sha256, load_bundled_network, load_network, select_device
 from .errors import CancelledError, InputError
 from .geometry import Geometry, displacement_field_image, image_to_tensor, tensor_to_image
 from .io import write_rows_csv
@@ -51,6 +52,14 @@ MAX_GRID_VOXELS = 160 * 160 * 224
 MR_COVERAGE_WARN_PERCENT = 50.0
 
 
+#: A registered vertebra whose volume changed by more than this (%) stops the run (:func:`check_plausible`). Bone
+#: does not change volume, and none of the rigidity settings lets it do so by much: the benchmark's default run
+#: changes it by 0.08 % on average, the network alone by 0.07 %, the dense refinement at its default weights by
+#: 0.51 %, the "soft" rigidity preset (weights x 0.25) by a few per cent; the worst unshipped training attempt reached
+#: 10-14 % (docs/TRAINING.md). A damaged model gave -80 % to +92 %.
+MAX_VOLUME_CHANGE_PERCENT = 20.0
+
+
 @dataclass(frozen=True)
 class RegistrationSettings:
     """User-facing settings of :func:`register`.
@@ -64,6 +73,8 @@ class RegistrationSettings:
         vertebra_weights: Label -> multiplier of the rigidity terms during refinement; 0 excludes a vertebra (also
             from the vertebra-wise rigid alignment).
         model_path: A checkpoint to use instead of the bundled model.
+        model_sha256: The sha256 ``model_path`` must have; without it the one its model card (``<name>.json``
+            beside it) records, when there is such a card.
         margin_mm: Margin around the CT vertebrae included in the processing grid.
         spacing_mm: Processing grid spacing (the paper resamples to 1 mm).
         mr_segmentation: Find the vertebrae in the MR with the bundled segmentation network (an output and the
@@ -71,6 +82,8 @@ class RegistrationSettings:
         bone_prealign: Without MR points, pre-align the CT's vertebrae onto the MR's predicted bone
             (:mod:`.segmentation.align`) instead of the intensity search; falls back to it when refused. Off by
             default until the segmentation is accurate on every benchmark tier (docs/BENCHMARKS.md).
+        deterministic: The same inputs give the same result: the automatic pre-alignment's ITK metric runs on one
+            thread (its multi-threaded sums differ from run to run); the torch stages are deterministic on the CPU.
     """
 
     device: str = "auto"
@@ -82,16 +95,20 @@ class RegistrationSettings:
     refine_weights: RefineWeights = field(default_factory=RefineWeights)
     vertebra_weights: Mapping[int, float] | None = None
     model_path: str | None = None
+    model_sha256: str | None = None
     margin_mm: float = 20.0
     spacing_mm: float = 1.0
     mr_segmentation: bool = True
     bone_prealign: bool = False
+    deterministic: bool = True
 
     def __post_init__(self) -> None:
         if self.refine_steps < 0:
             raise InputError("refine_steps must be >= 0")
         if self.margin_mm < 0 or self.spacing_mm <= 0:
             raise InputError("margin_mm must be >= 0 and spacing_mm > 0")
+        if self.model_sha256 is not None and not is_sha256(self.model_sha256):
+            raise InputError(f"model sha256 must be 64 hexadecimal digits, got {self.model_sha256!r}")
 
 
 @dataclass
@@ -169,6 +186,66 @@ def validate_image(image: object, name: str) -> sitk.Image:
     array = sitk.GetArrayViewFromImage(image)
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         raise InputError(f"{name} contains NaN or infinite values")
+    return image
+
+
+def finite_copy(image: sitk.Image, name: str) -> sitk.Image:
+    """``image`` itself when all its voxels are finite, else a copy with NaN and -inf set to its lowest finite value
+    and +inf to its highest (a warning says how many); the caller's image is never changed.
+
+    Raises:
+        InputError: no finite voxel at all.
+    """
+    array = sitk.GetArrayViewFromImage(image)
+    if not np.issubdtype(array.dtype, np.floating):
+        return image
+    finite = np.isfinite(array)
+    if finite.all():
+        return image
+    if not finite.any():
+        raise InputError(f"{name} holds no finite value (all NaN or infinite)")
+    low, high = float(array[finite].min()), float(array[finite].max())
+    nan, pos, neg = int(np.isnan(array).sum()), int(np.isposinf(array).sum()), int(np.isneginf(array).sum())
+    fixed = np.nan_to_num(array, nan=low, posinf=high, neginf=low)
+    log.warning(
+        "%s: %d NaN, %d +inf and %d -inf voxels of %d set to its lowest finite value %g (NaN, -inf) and highest "
+        "%g (+inf); the input file is unchanged",
+        name,
+        nan,
+        pos,
+        neg,
+        array.size,
+        low,
+        high,
+    )
+    out = sitk.GetImageFromArray(fixed)
+    out.CopyInformation(image)
+    return out
+
+
+def validate_intensity_image(image: object, name: str) -> sitk.Image:
+    """A CT or MR for :func:`register`: :func:`validate_image` after :func:`finite_copy`, with contrast, and a
+    warning for a left-handed direction matrix.
+
+    Raises:
+        InputError: see :func:`validate_image`; also a constant image (nothing to register).
+    """
+    if isinstance(image, sitk.Image):
+        image = finite_copy(image, name)
+    image = validate_image(image, name)
+    stats = sitk.MinimumMaximumImageFilter()
+    stats.Execute(image)
+    if stats.GetMinimum() == stats.GetMaximum():
+        raise InputError(
+            f"{name} has no contrast: every voxel is {stats.GetMinimum():g} (a blank or failed export?); "
+            "nothing to register"
+        )
+    if np.linalg.det(np.asarray(image.GetDirection()).reshape(3, 3)) < 0:
+        log.warning(
+            "%s has a left-handed direction matrix (determinant -1): its voxel axes are a mirror image of a scanner's; "
+            "if the image was flipped on export the registration cannot find the match, so check it in a viewer",
+            name,
+        )
     return image
 
 
@@ -385,7 +462,15 @@ def resolve_network(settings: RegistrationSettings, network: RegistrationNet | N
     if network is not None:
         return network.to(device).eval()
     if settings.model_path:
-        return load_network(settings.model_path, device=device)
+        expected = settings.model_sha256 or card_sha256(settings.model_path)
+        if expected is None:
+            log.warning(
+                "model %s has no card with its sha256 beside it (%s) and no sha256 was given: a damaged file cannot "
+                "be told from a good one, only results that are physically impossible are refused",
+                Path(settings.model_path).name,
+                Path(settings.model_path).with_suffix(".json").name,
+            )
+        return load_network(settings.model_path, expected_sha256=expected, device=device)
     return load_bundled_network(device=device)
 
 
@@ -429,8 +514,8 @@ def register(
     t0 = time.perf_counter()
     if progress:
         progress(0.0, "checking inputs")
-    fixed = validate_image(fixed, "MR (fixed) image")
-    moving = validate_image(moving, "CT (moving) image")
+    fixed = validate_intensity_image(fixed, "MR (fixed) image")
+    moving = validate_intensity_image(moving, "CT (moving) image")
     moving_labels = validate_labels(moving_labels, moving)
     if fixed_labels is not None:
         fixed_labels = validate_labels(fixed_labels, fixed, name="MR vertebra label map")
@@ -458,6 +543,7 @@ def register(
             moving_landmarks,
             label_names=names,
             progress=_report(progress, 0.05, 0.2),
+            deterministic=settings.deterministic,
         )
     timings["prealign"] = time.perf_counter() - t
     _check_cancel(should_cancel)
@@ -513,7 +599,8 @@ def register(
     warped_moving = sitk.Resample(moving, fixed, composite, sitk.sitkLinear, ct_min, sitk.sitkFloat32)
     warped_labels = sitk.Resample(moving_labels, fixed, composite, _label_interpolator(), 0, sitk.sitkUInt16)
     jac_matrix = jacobian_matrix(displacement, spacing)  # shared by the det J map and every metric below
-    jacobian_image = tensor_to_image(determinant(jac_matrix).float(), grid)
+    det = determinant(jac_matrix)
+    jacobian_image = tensor_to_image(det.float(), grid)
     warped_labels_t = warp_labels(labels_t, displacement)
     fixed_labels_t = (
         image_to_tensor(resample_to_reference(fixed_labels, grid, is_label=True), torch.int64)
@@ -533,8 +620,16 @@ def register(
     if fixed_landmarks is not None and moving_landmarks is not None:
         _add_landmark_errors(rows, composite, fixed_landmarks, moving_landmarks)
     field_stats = metrics.field_summary(displacement, spacing, mask=inside > 0, jacobian=jac_matrix)
+    # One count of folding, the one the Jacobian map shows: every voxel of the processing grid where det J <= 0
+    # (the table's per-vertebra counts are its share inside each vertebra; the MR mask above left out folds in a
+    # vertebra beyond the MR's field of view, and the summary disagreed with the table).
+    field_stats["folding_voxels"] = int((det <= 0).sum())
+    field_stats["folding_percent"] = 100.0 * field_stats["folding_voxels"] / det.numel()
+    field_stats["folding_voxels_in_vertebrae"] = sum(int(r["folding_voxels"]) for r in rows)
     timings["outputs"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
+
+    check_plausible(rows, field_stats, settings)
 
     summary = {
         **metrics.summarize(rows),
@@ -570,6 +665,39 @@ def register(
         inverse_displacement=inverse_image,
         mr_vertebrae=mr_bone,
     )
+
+
+def check_plausible(rows: Sequence[Mapping], field_stats: Mapping[str, float], settings: RegistrationSettings) -> None:
+    """Refuse a result that no registration of a spine can give, before anything is written.
+
+    Limits, from the settings the result was made with: every vertebra's volume within
+    :data:`MAX_VOLUME_CHANGE_PERCENT`; no displacement inside the MR's field of view (after the pre-alignment) larger
+    than ``settings.margin_mm + settings.vertebra_rigid.max_translation_mm``: the processing grid reaches
+    ``margin_mm`` beyond the pre-aligned CT spine, and the vertebra-wise stage moves a vertebra by at most
+    ``max_translation_mm``, so a larger one carries a point beyond everything the network was shown.
+
+    Raises:
+        InputError: naming the worst vertebra or the largest displacement, and the likely cause.
+    """
+    worst = max(
+        (r for r in rows if math.isfinite(float(r.get("volume_change_percent", float("nan"))))),
+        key=lambda r: abs(float(r["volume_change_percent"])),
+        default=None,
+    )
+    problems = []
+    if worst is not None and abs(float(worst["volume_change_percent"])) > MAX_VOLUME_CHANGE_PERCENT:
+        change = float(worst["volume_change_percent"])
+        name = worst.get("name", worst["label"])
+        problems.append(f"vertebra {name} changed volume by {change:+.0f} % (limit {MAX_VOLUME_CHANGE_PERCENT:.0f} %)")
+    largest = float(field_stats.get("max_displacement_mm", float("nan")))
+    limit = settings.margin_mm + settings.vertebra_rigid.max_translation_mm
+    if math.isfinite(largest) and largest > limit:
+        problems.append(f"a displacement of {largest:.0f} mm (limit {limit:.0f} mm)")
+    if problems:
+        raise InputError(
+            "the registration result is physically impossible (" + "; ".join(problems) + "): the model file is "
+            "probably damaged or not meant for these images; nothing was written"
+        )
 
 
 def _label_interpolator() -> int:
@@ -670,8 +798,11 @@ def write_outputs(
     from .qa import save_qa_figure
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".srr-", dir=out_dir))
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".srr-", dir=out_dir))
+    except OSError as error:
+        raise InputError(f"cannot write into {out_dir}: {(error.strerror or type(error).__name__).lower()}") from error
     names = {
         "warped_ct": "warped_ct.nii.gz",
         "warped_labels": "warped_labels.nii.gz",

@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import InputError
-from .common import add_common_arguments, progress_bar, run_command
+from .common import add_common_arguments, check_output_folder, progress_bar, run_command
 
 #: ``../shared/data`` beside the repository (the development workspace and CI).
 DEFAULT_SHARED_DATA = Path(__file__).resolve().parents[4] / "shared" / "data"
@@ -95,6 +95,7 @@ def _run(args: argparse.Namespace) -> int:
             raise InputError("--threads must be >= 1")
         torch.set_num_threads(args.threads)
     markdown = args.markdown or args.out / "BENCHMARKS.md"
+    check_output_folder(args.out)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 

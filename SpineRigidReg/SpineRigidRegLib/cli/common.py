@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from ..errors import CancelledError, InputError
 
@@ -19,14 +22,61 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", action="store_true", help="debug logging")
 
 
+class _TqdmHandler(logging.StreamHandler):
+    """Writes log records through ``tqdm.write``: each on its own line, the progress bar redrawn below it (a plain
+    stream handler glued records onto the end of the bar's line, where warnings went unnoticed)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
 def configure_logging(args: argparse.Namespace) -> None:
+    """Root logging at the level ``--quiet``/``--verbose`` ask for, one record per line, routed around the progress
+    bar; matplotlib's own INFO chatter (its font cache) is kept out."""
     level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _TqdmHandler)]:
+        root.removeHandler(old)
+    if root.handlers:  # configured by the host already (pytest, an application embedding the command)
+        return
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level)
+    logging.getLogger("matplotlib").setLevel(max(level, logging.WARNING))
+
+
+def check_output_folder(path: Path, flag: str = "--out") -> None:
+    """Raise :class:`InputError` unless ``path`` is a folder this process can write into, or can be created as one.
+
+    Called before any computation so that a long run does not fail at its end. It writes and removes an empty probe
+    folder (in ``path``, or in its nearest existing parent when ``path`` does not exist yet), which catches read-only
+    mounts, immutable folders and missing permissions alike; nothing it creates stays.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{flag} {path} is an existing file; give a folder (it is created if missing)")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"{flag} {path} cannot be created: {existing} is a file")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".srr-write-test-", dir=existing))
+    except OSError as error:
+        where = "it" if existing == path else f"its parent {existing}"
+        reason = (error.strerror or type(error).__name__).lower()
+        raise InputError(f"{flag} {path} is not writable ({where}: {reason}); choose another output folder") from error
 
 
 @contextmanager
 def progress_bar(enabled: bool = True) -> Iterator[Callable[[float, str], None]]:
-    """A ``progress(fraction, message)`` callable drawing a tqdm bar on stderr."""
+    """A ``progress(fraction, message)`` callable drawing a tqdm bar on stderr (log records print above it)."""
     if not enabled:
         yield lambda fraction, message: None
         return

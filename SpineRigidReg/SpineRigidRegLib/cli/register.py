@@ -10,7 +10,7 @@ import numpy as np
 
 from ..checkpoint import resources_dir
 from ..errors import InputError
-from .common import add_common_arguments, progress_bar, run_command
+from .common import add_common_arguments, check_output_folder, progress_bar, run_command
 
 SAMPLE_FILES = {
     "fixed": "mr.nii.gz",
@@ -80,7 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--refine-steps", type=int, default=None, help="dense test-time refinement steps after that (default 0)"
     )
     options.add_argument("--device", default="auto", help="auto (GPU when available), cpu or cuda")
-    options.add_argument("--model", type=Path, help="a checkpoint to use instead of the bundled model")
+    options.add_argument(
+        "--model",
+        type=Path,
+        help="a checkpoint to use instead of the bundled model; checked against the sha256 of its card "
+        "(NAME.json beside NAME.pt) when there is one",
+    )
+    options.add_argument("--model-sha256", help="the sha256 the --model file must have (overrides its card)")
     options.add_argument(
         "--no-mr-segmentation",
         action="store_true",
@@ -132,6 +138,7 @@ def _run(args: argparse.Namespace) -> int:
     from .. import io
     from ..pipeline import RefineWeights, RegistrationSettings, register, write_outputs
 
+    check_output_folder(args.out)  # before any compute: an unwritable --out must not fail after the registration
     paths = _input_paths(args)
     fixed = io.read_image(paths["fixed"])
     moving = io.read_image(paths["moving"])
@@ -141,9 +148,12 @@ def _run(args: argparse.Namespace) -> int:
     moving_landmarks = io.read_landmarks(paths["moving_landmarks"]) if paths.get("moving_landmarks") else None
     point_pairs = _point_pairs(*args.point_pairs) if args.point_pairs else None
 
+    if args.model_sha256 and not args.model:
+        raise InputError("--model-sha256 needs --model")
     settings = RegistrationSettings(
         device=args.device,
         model_path=str(args.model) if args.model else None,
+        model_sha256=args.model_sha256,
         mr_segmentation=not args.no_mr_segmentation,
         bone_prealign=args.prealign_from_bone,
     )
@@ -177,7 +187,8 @@ def _run(args: argparse.Namespace) -> int:
     print(format_table(result.vertebrae))
     s = result.summary
     print(
-        f"\npre-alignment: {result.prealign_method}; device: {s['device']}; folding voxels: {s.get('folding_voxels')};"
+        f"\npre-alignment: {result.prealign_method}; device: {s['device']}; folding voxels (det J <= 0): "
+        f"{s.get('folding_voxels')} ({s.get('folding_voxels_in_vertebrae')} inside vertebrae, the |J|<=0 column);"
         f" SD log|J|: {s.get('sd_log_jacobian', float('nan')):.3f}"
     )
     print("timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items()))
