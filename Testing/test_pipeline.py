@@ -3,6 +3,8 @@ cancellation leaves nothing behind."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -357,3 +359,19 @@ def test_inputs_are_not_modified(phantom, network):
     for image, array, geo in zip((mr, phantom.ct, phantom.labels), before, geometry):
         assert np.array_equal(sitk.GetArrayFromImage(image), array)
         assert (image.GetOrigin(), image.GetSpacing(), image.GetDirection()) == geo
+
+
+def test_mr_vertebrae_are_predicted_written_and_checked_per_vertebra(phantom, network, tmp_path):
+    """The segmentation stage: an output on the MR's grid and the per-vertebra 'on MR bone' check; off on request."""
+    mr = sitk.Cast(phantom.ct, sitk.sitkFloat32)
+    result = pipeline.register(mr, phantom.ct, phantom.labels, settings=FAST, network=network)
+    assert result.mr_vertebrae is not None
+    assert result.mr_vertebrae.GetSize() == mr.GetSize() and result.mr_vertebrae.GetOrigin() == mr.GetOrigin()
+    assert all(0.0 <= row["mr_bone_percent"] <= 100.0 for row in result.vertebrae)
+    assert "mr_vertebrae" in pipeline.write_outputs(result, tmp_path / "on")
+    assert (tmp_path / "on" / "mr_vertebrae_predicted.nii.gz").is_file()
+    off = replace(FAST, mr_segmentation=False)
+    result = pipeline.register(mr, phantom.ct, phantom.labels, settings=off, network=network)
+    assert result.mr_vertebrae is None and "mr_bone_percent" not in result.vertebrae[0]
+    pipeline.write_outputs(result, tmp_path / "off")
+    assert not (tmp_path / "off" / "mr_vertebrae_predicted.nii.gz").exists()

@@ -359,6 +359,12 @@ def test_run_creates_outputs_whose_transform_matches_the_core_and_leaves_inputs_
     np.testing.assert_array_equal(sitk.GetArrayFromImage(warped), sitk.GetArrayFromImage(result.warped_moving))
     s = scene.GetNodeByID(out.warpedSegmentation).GetSegmentation()
     assert sorted(s.GetNthSegment(i).GetName() for i in range(s.GetNumberOfSegments())) == ["L1", "L2", "L3"]
+    # The MR vertebrae the segmentation network found: a segmentation node whose voxels are the core's mask.
+    predicted = scene.GetNodeByID(out.mrVertebrae)
+    assert predicted.IsA("vtkMRMLSegmentationNode") and "predicted" in predicted.GetName()
+    segment = predicted.GetSegmentation().GetNthSegmentID(0)
+    voxels = slicer.util.arrayFromSegmentInternalBinaryLabelmap(predicted, segment).sum()
+    assert voxels == int(sitk.GetArrayViewFromImage(result.mr_vertebrae).sum())
 
 
 def test_qa_table_holds_the_core_rows_and_vertebra_centres(shared_run):

@@ -36,7 +36,7 @@ def canonical_geometry(geometry: Geometry, spacing_mm: float = WORKING_SPACING_M
     corners = np.array([[i, j, k] for i in (0, w - 1) for j in (0, h - 1) for k in (0, d - 1)], dtype=np.float64)
     lps = geometry.array_index_to_lps_points(corners[:, ::-1])  # array order (k, j, i)
     low, high = lps.min(axis=0), lps.max(axis=0)
-    size_itk = [int(np.floor((hi - lo) / spacing_mm + 1e-6)) + 1 for lo, hi in zip(low, high, strict=True)]
+    size_itk = [int(np.ceil((hi - lo) / spacing_mm - 1e-6)) + 1 for lo, hi in zip(low, high, strict=True)]
     return Geometry(
         shape=(size_itk[2], size_itk[1], size_itk[0]),
         spacing=(spacing_mm,) * 3,

@@ -34,6 +34,7 @@ class SynthSettings:
         spine_centre_probability: Chance that a patch is centred on a vertebra voxel (else anywhere).
         rotation_deg: Largest rotation about each axis.
         scale: Isotropic scaling range.
+        mirror_probability: Chance of a left-right mirror image.
         elastic_mm: Largest smooth deformation amplitude (mm), control points ``elastic_spacing_mm`` apart.
         intensity_spread: Range of the within-label standard deviation (image in [0, 1] units).
         texture: Range of the amplitude of the smooth multiplicative texture.
@@ -56,6 +57,7 @@ class SynthSettings:
     spine_centre_probability: float = 0.8
     rotation_deg: float = 15.0
     scale: tuple[float, float] = (0.85, 1.2)
+    mirror_probability: float = 0.5
     elastic_mm: float = 4.0
     elastic_spacing_mm: float = 32.0
     intensity_spread: tuple[float, float] = (0.0, 0.12)
@@ -102,10 +104,11 @@ def _sampling_grid(
         centre = torch.rand(3, generator=generator, dtype=torch.float64) * (shape - 1)
     angle = math.radians(settings.rotation_deg)
     matrix = _rotation([_u(generator, -angle, angle) for _ in range(3)]) / _u(generator, *settings.scale)
-    if float(torch.rand((), generator=generator)) < 0.5:
+    if float(torch.rand((), generator=generator)) < settings.mirror_probability:
         matrix = matrix @ torch.diag(torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64))  # left-right mirror
     device = bulk.device
-    axes = [torch.arange(n, dtype=torch.float32, device=device) - (n - 1) / 2.0 for n in settings.patch]
+    # whole-voxel offsets: an untransformed patch samples voxel centres, not the midpoints between them
+    axes = [torch.arange(n, dtype=torch.float32, device=device) - n // 2 for n in settings.patch]
     local = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # (D, H, W, 3) voxels, array order
     points = local @ matrix.T.float().to(device)
     coarse = [max(int(math.ceil(n * settings.spacing_mm / settings.elastic_spacing_mm)) + 1, 2) for n in settings.patch]
