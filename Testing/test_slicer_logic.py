@@ -331,7 +331,19 @@ def test_composite_transform_node_maps_points_as_the_core_field_says(tmp_path):
 # ------------------------------------------------------------------------------------------ whole workflow
 
 
-def test_run_creates_outputs_whose_transform_matches_the_core_and_leaves_inputs_unchanged(scene_case, network):
+def _known_mr_vertebrae(fixed: sitk.Image, device) -> sitk.Image:
+    """A stand-in for the segmentation network: a known block, so the output node's voxels can be checked."""
+    array = np.zeros(sitk.GetArrayViewFromImage(fixed).shape, np.uint8)
+    array[3:9, 4:12, 5:15] = 1
+    mask = sitk.GetImageFromArray(array)
+    mask.CopyInformation(fixed)
+    return mask
+
+
+def test_run_creates_outputs_whose_transform_matches_the_core_and_leaves_inputs_unchanged(
+    scene_case, network, monkeypatch
+):
+    monkeypatch.setattr("SpineRigidRegLib.pipeline.segment_mr", _known_mr_vertebrae)
     scene, ct, segmentation, mr, ct_centres, mr_centres = scene_case
     inputs = [ct, segmentation, mr, ct_centres, mr_centres]
     before = [snapshot(n) for n in inputs]
@@ -362,9 +374,13 @@ def test_run_creates_outputs_whose_transform_matches_the_core_and_leaves_inputs_
     # The MR vertebrae the segmentation network found: a segmentation node whose voxels are the core's mask.
     predicted = scene.GetNodeByID(out.mrVertebrae)
     assert predicted.IsA("vtkMRMLSegmentationNode") and "predicted" in predicted.GetName()
-    segment = predicted.GetSegmentation().GetNthSegmentID(0)
-    voxels = slicer.util.arrayFromSegmentInternalBinaryLabelmap(predicted, segment).sum()
-    assert voxels == int(sitk.GetArrayViewFromImage(result.mr_vertebrae).sum())
+    expected = int(sitk.GetArrayViewFromImage(result.mr_vertebrae).sum())
+    segmentation = predicted.GetSegmentation()
+    voxels = sum(
+        int(slicer.util.arrayFromSegmentInternalBinaryLabelmap(predicted, segmentation.GetNthSegmentID(i)).sum())
+        for i in range(segmentation.GetNumberOfSegments())
+    )
+    assert voxels == expected == 6 * 8 * 10
 
 
 def test_qa_table_holds_the_core_rows_and_vertebra_centres(shared_run):
