@@ -228,3 +228,13 @@ def test_mr_bone_agreement_is_the_share_of_each_vertebra_on_predicted_bone():
     rows = [{"label": 1}, {"label": 2}, {"label": 3}]
     add_mr_bone_agreement(rows, warped, bone)
     assert [r["mr_bone_percent"] for r in rows] == [50.0, 0.0, 0.0]
+
+
+def test_bone_guided_prealignment_refuses_when_the_network_found_one_vertebra_of_three():
+    """One found vertebra fits any CT level equally well: the map must be refused, not guessed."""
+    phantom, mr_bone, _ = _moved_phantom([0.0, 0.0, 0.0], 0.0)
+    labels = sitk.GetArrayFromImage(phantom.labels)
+    one = (labels == np.unique(labels[labels > 0])[1]).astype(np.float32)
+    probability = sitk.GetImageFromArray(one)
+    probability.CopyInformation(phantom.ct)
+    assert align.bone_prealignment(phantom.ct, probability, phantom.labels) is None

@@ -31,8 +31,10 @@ BONE_GUIDED = "automatic: MR vertebrae (segmentation network) + bone-map rigid"
 
 #: Least predicted bone (mm^3) worth aligning to: about half a lumbar vertebral body.
 MIN_BONE_MM3 = 15_000.0
-#: Least Dice between the aligned CT vertebrae and the MR's predicted bone (inside the MR's view) to accept the map.
-MIN_ALIGNED_DICE = 0.3
+#: Least share of each side the aligned bone maps must explain to accept the map: of the CT vertebrae inside the
+#: MR's view, on predicted bone; of the predicted bone, under CT vertebrae. One-sided checks pass wrong maps: a CT
+#: column laid one level off still covers a network's single found vertebra.
+MIN_AGREEMENT = 0.5
 #: Score penalty of a shift ``d`` away from the scanner frames: ``PRIOR_WEIGHT * (d / PRIOR_SCALE_MM) ** 2`` of the
 #: best score.
 PRIOR_WEIGHT = 0.1
@@ -64,11 +66,17 @@ def bone_prealignment(
     translation = sitk.TranslationTransform(3, tuple(float(v) for v in (ct_grid.origin - _lps(mr_grid, offset))))
     rigid = _refine(bone_probability, moving_labels, translation)
     matrix = _matrix_of(rigid)
-    dice = _aligned_dice(bone_probability, moving_labels, rigid)
-    if dice < MIN_ALIGNED_DICE:
-        logger.warning("bone-guided pre-alignment refused (Dice %.2f with the MR's predicted bone)", dice)
+    ct_share, mr_share = _agreement(bone_probability, moving_labels, rigid)
+    if min(ct_share, mr_share) < MIN_AGREEMENT:
+        logger.warning(
+            "bone-guided pre-alignment refused: %.0f %% of the CT vertebrae in the MR's view land on bone the network "
+            "found, and %.0f %% of that bone under CT vertebrae (each must reach %.0f %%); using the intensity search",
+            100 * ct_share,
+            100 * mr_share,
+            100 * MIN_AGREEMENT,
+        )
         return None
-    logger.info("bone-guided pre-alignment: Dice %.2f with the MR's predicted vertebrae", dice)
+    logger.info("bone-guided pre-alignment: %.0f %% / %.0f %% agreement", 100 * ct_share, 100 * mr_share)
     return Prealignment(matrix=matrix, method=BONE_GUIDED)
 
 
@@ -142,7 +150,11 @@ def _refine(bone_probability: sitk.Image, moving_labels: sitk.Image, initial: si
     return method.Execute(fixed, moving)
 
 
-def _aligned_dice(bone_probability: sitk.Image, moving_labels: sitk.Image, transform: sitk.Transform) -> float:
+def _agreement(
+    bone_probability: sitk.Image, moving_labels: sitk.Image, transform: sitk.Transform
+) -> tuple[float, float]:
+    """(share of the mapped CT vertebrae inside the MR's grid on predicted bone, share of predicted bone under CT
+    vertebrae)."""
     mapped = (
         sitk.GetArrayViewFromImage(
             sitk.Resample(
@@ -152,5 +164,5 @@ def _aligned_dice(bone_probability: sitk.Image, moving_labels: sitk.Image, trans
         > 0
     )
     predicted = sitk.GetArrayViewFromImage(bone_probability) > 0.5
-    total = mapped.sum() + predicted.sum()
-    return 0.0 if total == 0 else float(2.0 * (mapped & predicted).sum() / total)
+    both = float((mapped & predicted).sum())
+    return both / max(float(mapped.sum()), 1.0), both / max(float(predicted.sum()), 1.0)
