@@ -238,3 +238,19 @@ def test_bone_guided_prealignment_refuses_when_the_network_found_one_vertebra_of
     probability = sitk.GetImageFromArray(one)
     probability.CopyInformation(phantom.ct)
     assert align.bone_prealignment(phantom.ct, probability, phantom.labels) is None
+
+
+def test_a_wide_field_of_view_is_segmented_on_a_bounded_grid(monkeypatch):
+    from SpineRigidRegLib.segmentation import predict
+
+    seen = []
+    network = SegmentationNet(TINY_NET).eval()
+    monkeypatch.setattr(predict, "MAX_WORKING_VOXELS", 4000)
+    monkeypatch.setattr(network, "forward", lambda x: seen.append(x.shape) or torch.zeros_like(x))
+    geometry = Geometry(
+        shape=(40, 60, 60), spacing=(1.0, 1.0, 1.0), origin=(0, 0, 0), direction=tuple(np.eye(3).ravel())
+    )
+    mr = geometry.apply_to(sitk.GetImageFromArray(np.ones(geometry.shape, np.float32)))
+    probability = predict_bone(mr, network)
+    assert np.prod(seen[0][2:]) <= 2 * 4000  # padding to the network's multiple may add a little
+    assert Geometry.of(probability) == geometry

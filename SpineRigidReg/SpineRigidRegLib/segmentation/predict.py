@@ -28,6 +28,10 @@ BUNDLED_CARD = "Models/mr_vertebrae.json"
 #: Probability above which a voxel counts as vertebral bone.
 BONE_THRESHOLD = 0.5
 
+#: Largest working grid (voxels): a wider field of view is segmented at coarser voxels, which bounds time and memory
+#: (about 1 GB of activations on a CPU at this size).
+MAX_WORKING_VOXELS = 2_500_000
+
 
 def save_segmentation_checkpoint(path: str | os.PathLike, network: SegmentationNet, **extra: object) -> Path:
     """Write ``network`` with its config (and extra plain values or tensors, e.g. optimiser state) to ``path``."""
@@ -91,12 +95,15 @@ def predict_bone(
         mr: The MR image (any grid, direction and intensity scale; NaN-free).
         network: A :class:`SegmentationNet` (eval mode).
         device: Where the network runs.
-        spacing_mm: The network's working voxel size.
+        spacing_mm: The network's working voxel size (coarser for fields of view over :data:`MAX_WORKING_VOXELS`).
 
     Returns:
         float32 probabilities in [0, 1] on ``mr``'s grid (0 where the MR has no data).
     """
     grid = canonical_geometry(Geometry.of(mr), spacing_mm)
+    voxels = float(np.prod(grid.shape))
+    if voxels > MAX_WORKING_VOXELS:
+        grid = canonical_geometry(Geometry.of(mr), spacing_mm * (voxels / MAX_WORKING_VOXELS) ** (1.0 / 3.0))
     on_grid = resample_to_reference(mr, grid)
     inside = image_to_tensor(field_of_view(mr, grid), torch.float32) > 0
     image = image_to_tensor(on_grid)
