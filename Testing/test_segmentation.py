@@ -139,7 +139,7 @@ def test_checkpoint_round_trip_and_its_checks(tmp_path):
         load_segmentation_network(path, expected_sha256="0" * 64)
     from SpineRigidRegLib.checkpoint import load_network
 
-    with pytest.raises(InputError, match="is not a spinerigidreg-checkpoint"):
+    with pytest.raises(InputError, match="expected 'spinerigidreg-checkpoint'"):
         load_network(path)  # a segmentation file is not a registration model
 
 

@@ -88,7 +88,10 @@ def read_checkpoint(
         raise InputError(f"cannot read model file {path.name}: {error.__class__.__name__}") from error
     if not isinstance(payload, dict) or payload.get("format") != expected_format:
         found = payload.get("format") if isinstance(payload, dict) else None
-        raise InputError(f"{path.name} is not a {expected_format} file (format {found!r})")
+        raise InputError(
+            f"{path.name} is not a SpineRigidReg checkpoint of this kind (format {found!r}, expected "
+            f"{expected_format!r})"
+        )
     if int(payload.get("version", 0)) > CHECKPOINT_VERSION:
         raise InputError(f"{path.name} needs a newer SpineRigidReg (checkpoint version {payload['version']})")
     return payload
@@ -100,11 +103,16 @@ def load_network(
     """Rebuild a :class:`RegistrationNet` from a checkpoint file, in eval mode on ``device``."""
     payload = read_checkpoint(path, expected_sha256)
     network = RegistrationNet(NetworkConfig.from_dict(payload["config"]))
+    return load_weights(network, payload, path).to(device).eval()
+
+
+def load_weights(network: torch.nn.Module, payload: dict, path: str | os.PathLike) -> torch.nn.Module:
+    """``payload``'s state dict into ``network``, strictly: a missing or unexpected weight is an error."""
     try:
         network.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as error:
         raise InputError(f"{Path(path).name} does not match its own architecture: {error}") from error
-    return network.to(device).eval()
+    return network
 
 
 def model_card(card_path: str | os.PathLike | None = None) -> dict:

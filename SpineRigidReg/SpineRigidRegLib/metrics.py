@@ -114,6 +114,20 @@ def _region_mean(values: torch.Tensor, region: torch.Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------------------------------ overlap
+def share_on_mask_percent(labels: torch.Tensor, mask: torch.Tensor) -> dict[int, float]:
+    """For every label value ``v > 0`` of ``labels``: the percentage of its voxels where ``mask`` is true.
+
+    Args:
+        labels: integer label map, any shape.
+        mask: bool, the same shape.
+    """
+    flat = labels.flatten().cpu()
+    size = int(flat.max()) + 1 if flat.numel() else 1
+    total = torch.bincount(flat, minlength=size)
+    on = torch.bincount(flat[mask.flatten().cpu()], minlength=size)
+    return {v: 100.0 * int(on[v]) / int(total[v]) for v in range(1, size) if int(total[v])}
+
+
 def dice_per_label(a: object, b: object, label_values: Sequence[int] | None = None) -> dict[int, float]:
     """Dice similarity coefficient per label between two label maps on one grid.
 

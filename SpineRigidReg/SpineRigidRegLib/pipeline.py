@@ -758,13 +758,9 @@ def _vertebra_rigid_transforms(
 def _add_mr_coverage(rows: list[dict], warped_labels: torch.Tensor, inside_mr: torch.Tensor) -> None:
     """Add ``mr_coverage_percent`` to each row: how much of the registered vertebra the MR's field of view shows;
     warn about the vertebrae below :data:`MR_COVERAGE_WARN_PERCENT`."""
-    flat = warped_labels.flatten().cpu()
-    size = int(flat.max()) + 1 if flat.numel() else 1
-    total = torch.bincount(flat, minlength=size)
-    shown = torch.bincount(flat[inside_mr.flatten().cpu()], minlength=size)
+    shown = metrics.share_on_mask_percent(warped_labels, inside_mr)
     for row in rows:
-        v = int(row["label"])
-        row["mr_coverage_percent"] = 100.0 * int(shown[v]) / int(total[v]) if v < size and int(total[v]) else 0.0
+        row["mr_coverage_percent"] = shown.get(int(row["label"]), 0.0)
         if row["mr_coverage_percent"] < MR_COVERAGE_WARN_PERCENT:
             log.warning(
                 "vertebra %s: only %.0f %% of it lies inside the MR's field of view, so the MR shows little of "

@@ -15,7 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from ..checkpoint import read_checkpoint, resources_dir
+from ..checkpoint import load_weights, read_checkpoint, resources_dir
 from ..errors import InputError
 from ..geometry import Geometry, image_to_tensor
 from ..preprocess import field_of_view, normalize_intensity, pad_to_multiple, resample_to_reference
@@ -56,11 +56,7 @@ def load_segmentation_network(
     """Rebuild a :class:`SegmentationNet` from its checkpoint (``weights_only``, optional sha256, strict)."""
     payload = read_checkpoint(path, expected_sha256, expected_format=SEGMENTATION_FORMAT)
     network = SegmentationNet(SegmentationConfig.from_dict(payload["config"]))
-    try:
-        network.load_state_dict(payload["state_dict"], strict=True)
-    except RuntimeError as error:
-        raise InputError(f"{Path(path).name} does not match its own architecture: {error}") from error
-    return network.to(device).eval()
+    return load_weights(network, payload, path).to(device).eval()
 
 
 def bundled_card() -> dict | None:

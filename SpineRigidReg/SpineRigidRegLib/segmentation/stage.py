@@ -15,6 +15,7 @@ import SimpleITK as sitk
 import torch
 
 from ..errors import InputError
+from ..metrics import share_on_mask_percent
 from .predict import BONE_THRESHOLD, bundled_card, load_bundled_segmentation, predict_bone
 
 logger = logging.getLogger(__name__)
@@ -49,10 +50,6 @@ def add_mr_bone_agreement(rows: list[dict], warped_labels: torch.Tensor, mr_bone
         warped_labels: ``(1, 1, D, H, W)`` registered CT labels on the processing grid.
         mr_bone: ``(1, 1, D, H, W)`` bool predicted MR bone on the same grid.
     """
-    flat = warped_labels.flatten().cpu()
-    size = int(flat.max()) + 1 if flat.numel() else 1
-    total = torch.bincount(flat, minlength=size)
-    on_bone = torch.bincount(flat[mr_bone.flatten().cpu()], minlength=size)
+    on_bone = share_on_mask_percent(warped_labels, mr_bone)
     for row in rows:
-        v = int(row["label"])
-        row["mr_bone_percent"] = 100.0 * int(on_bone[v]) / int(total[v]) if v < size and int(total[v]) else 0.0
+        row["mr_bone_percent"] = on_bone.get(int(row["label"]), 0.0)
