@@ -40,3 +40,23 @@ def rng(seed: int) -> np.random.Generator:
 def generator(seed: int) -> torch.Generator:
     """A seeded CPU torch generator."""
     return torch.Generator().manual_seed(seed)
+
+
+def write_phantom_case(root: Path) -> dict[str, Path]:
+    """A 3-vertebra phantom CT, its labels, an MR-like image (inverted CT) and a tiny untrained model, as files
+    under ``root``: the inputs of the command-line tests."""
+    import SimpleITK as sitk
+    from SpineRigidRegLib.checkpoint import save_checkpoint
+    from SpineRigidRegLib.data.phantom import make_phantom
+    from SpineRigidRegLib.network import NetworkConfig, RegistrationNet
+
+    phantom = make_phantom(num_vertebrae=3, shape=(48, 40, 40), seed=2)
+    mr = sitk.InvertIntensity(sitk.Cast(phantom.ct, sitk.sitkFloat32), maximum=1500.0)
+    paths = {"ct": root / "ct.nii.gz", "seg": root / "seg.nii.gz", "mr": root / "mr.nrrd", "model": root / "m.pt"}
+    sitk.WriteImage(phantom.ct, str(paths["ct"]))
+    sitk.WriteImage(phantom.labels, str(paths["seg"]))
+    sitk.WriteImage(mr, str(paths["mr"]))
+    torch.manual_seed(0)
+    tiny = NetworkConfig(encoder_channels=(4, 4, 4, 4), decoder_channels=(4, 4, 4, 4), final_channels=(4,))
+    save_checkpoint(paths["model"], RegistrationNet(tiny))
+    return paths

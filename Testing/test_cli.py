@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from SpineRigidRegLib.checkpoint import save_checkpoint
+from conftest import write_phantom_case
 from SpineRigidRegLib.cli import jacobian as jacobian_cli
 from SpineRigidRegLib.cli import register as register_cli
 from SpineRigidRegLib.cli import warp as warp_cli
-from SpineRigidRegLib.data.phantom import make_phantom
 from SpineRigidRegLib.io import read_landmarks, write_landmarks
-from SpineRigidRegLib.network import NetworkConfig, RegistrationNet
+from SpineRigidRegLib.network import NetworkConfig
 from SpineRigidRegLib.prealign import label_centroids
 
 TINY = NetworkConfig(encoder_channels=(4, 4, 4, 4), decoder_channels=(4, 4, 4, 4), final_channels=(4,))
@@ -26,16 +25,7 @@ TINY = NetworkConfig(encoder_channels=(4, 4, 4, 4), decoder_channels=(4, 4, 4, 4
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
     """A phantom CT, its labels, an MR-like image, and a tiny model, as files."""
-    root = tmp_path_factory.mktemp("case")
-    phantom = make_phantom(num_vertebrae=3, shape=(48, 40, 40), seed=2)
-    mr = sitk.InvertIntensity(sitk.Cast(phantom.ct, sitk.sitkFloat32), maximum=1500.0)
-    paths = {"ct": root / "ct.nii.gz", "seg": root / "seg.nii.gz", "mr": root / "mr.nrrd", "model": root / "m.pt"}
-    sitk.WriteImage(phantom.ct, str(paths["ct"]))
-    sitk.WriteImage(phantom.labels, str(paths["seg"]))
-    sitk.WriteImage(mr, str(paths["mr"]))
-    torch.manual_seed(0)
-    save_checkpoint(paths["model"], RegistrationNet(TINY))
-    return paths
+    return write_phantom_case(tmp_path_factory.mktemp("case"))
 
 
 def run_register(case, out, *extra):

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from conftest import write_phantom_case
 from SpineRigidRegLib.checkpoint import resources_dir, save_checkpoint
 from SpineRigidRegLib.cli import common
 from SpineRigidRegLib.cli import register as register_cli
-from SpineRigidRegLib.data.phantom import make_phantom
 from SpineRigidRegLib.io import write_landmarks
 from SpineRigidRegLib.network import NetworkConfig, RegistrationNet
 from SpineRigidRegLib.pipeline import MAX_VOLUME_CHANGE_PERCENT, RegistrationSettings, check_plausible
@@ -40,14 +40,8 @@ def _image_like(reference: sitk.Image, array: np.ndarray) -> sitk.Image:
 def corpus(tmp_path_factory):
     """The good case as files, and every bad variant: name -> (argument overrides, text the error must contain)."""
     root = tmp_path_factory.mktemp("corpus")
-    phantom = make_phantom(num_vertebrae=3, shape=(48, 40, 40), seed=2)
-    mr = sitk.InvertIntensity(sitk.Cast(phantom.ct, sitk.sitkFloat32), maximum=1500.0)
-    files = {"ct": root / "ct.nii.gz", "seg": root / "seg.nii.gz", "mr": root / "mr.nrrd", "model": root / "m.pt"}
-    sitk.WriteImage(phantom.ct, str(files["ct"]))
-    sitk.WriteImage(phantom.labels, str(files["seg"]))
-    sitk.WriteImage(mr, str(files["mr"]))
-    torch.manual_seed(0)
-    save_checkpoint(files["model"], RegistrationNet(TINY))
+    files = write_phantom_case(root)
+    mr = sitk.ReadImage(str(files["mr"]))
 
     # A damaged copy of the bundled model beside its card: bytes flipped inside a tensor, the zip still readable.
     models = root / "models"
@@ -69,7 +63,7 @@ def corpus(tmp_path_factory):
     sitk.WriteImage(_image_like(mr, np.full(sitk.GetArrayFromImage(mr).shape, 7.0, np.float32)), str(blank))
     a_file = root / "a_file.txt"
     a_file.write_text("not a folder", encoding="utf-8")
-    points = {str(k): np.asarray(v) for k, v in label_centroids(phantom.labels).items()}
+    points = {str(k): np.asarray(v) for k, v in label_centroids(sitk.ReadImage(str(files["seg"]))).items()}
     ct_points = write_landmarks(points, root / "ct.mrk.json")
     mr_points = write_landmarks(points, root / "mr.mrk.json")
     landmarks = ["--moving-landmarks", str(ct_points), "--fixed-landmarks", str(mr_points)]
