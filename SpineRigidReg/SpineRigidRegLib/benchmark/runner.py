@@ -8,8 +8,9 @@ Rows (methods):
     and its labels resampled through the pre-alignment onto the MR grid; the total map is pre-alignment o B-spline.
     ``elastix (no penalty)``: the same registration without the penalty.
     Our models: the bundled model (``Resources/Models/default.json``) without and with test-time refinement, and
-    any checkpoint of an ablation manifest (a JSON list of ``{"name": ..., "checkpoint": ...}``, paths relative to
-    the manifest), network only. They run through :func:`..pipeline.register` given the same MR centre points.
+    any checkpoint of an ablation manifest (``srr-ablation``'s ``manifest.json`` or a JSON list of
+    ``{"name": ..., "checkpoint": ...}``, :mod:`..training.manifest`), network only. They run through
+    :func:`..pipeline.register` given the same MR centre points.
 
 Every method yields a transform or a field that is sampled on the case grid as a pull-back displacement in voxels;
 the metrics are those of :mod:`..metrics` (per vertebra: DSC against the fixed labels, rigid DSC, volume change, PC,
@@ -26,9 +27,8 @@ import os
 import resource
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
@@ -92,34 +92,17 @@ def bundled_model_available() -> bool:
 
 
 def read_manifest(path: str | os.PathLike) -> list[Method]:
-    """Model rows from an ablation manifest: a JSON list of ``{"name": str, "checkpoint": path}``.
+    """Model rows (network only) from an ablation manifest (:mod:`..training.manifest` reads every form of it).
 
-    Relative checkpoint paths are relative to the manifest's folder. A missing checkpoint is an error.
+    A row is named by its label (Table 1's, e.g. ``"PC + rigid field"``), or its name where there is none.
     """
-    path = Path(path)
-    try:
-        with open(path, encoding="utf-8") as stream:
-            entries = json.load(stream)
-    except FileNotFoundError:
-        raise InputError(f"ablation manifest not found: {path}") from None
-    except json.JSONDecodeError as error:
-        raise InputError(f"ablation manifest {path} is not valid JSON ({error})") from None
-    if isinstance(entries, Mapping) and "models" in entries:
-        entries = entries["models"]
-    if not isinstance(entries, list):
-        raise InputError(f"ablation manifest {path} must hold a list of {{name, checkpoint}} entries")
-    methods = []
-    for entry in entries:
-        if not isinstance(entry, Mapping) or "name" not in entry or "checkpoint" not in entry:
-            raise InputError(f"every entry of {path} needs 'name' and 'checkpoint', got {entry!r}")
-        checkpoint = Path(entry["checkpoint"])
-        if not checkpoint.is_absolute():
-            checkpoint = path.parent / checkpoint
-        if not checkpoint.is_file():
-            raise InputError(f"checkpoint of {entry['name']!r} not found: {checkpoint}")
-        # network alone: the rows compare what each training taught, as the paper's Table 1 does
-        methods.append(Method(str(entry["name"]), KIND_MODEL, checkpoint=str(checkpoint), vertebra_rigid_steps=0))
-    return methods
+    from ..training.manifest import read_manifest as read_models
+
+    # network alone: the rows compare what each training taught, as the paper's Table 1 does
+    return [
+        Method(model.label, KIND_MODEL, checkpoint=str(model.checkpoint), vertebra_rigid_steps=0)
+        for model in read_models(path)
+    ]
 
 
 def default_methods(
