@@ -14,12 +14,10 @@ from functools import partial
 import torch
 
 from .errors import CancelledError, InputError
-from .losses.rigidity import rigidity_loss
+from .losses.rigidity import RIGIDITY_TERMS, rigidity_loss
 from .losses.similarity import SIMILARITY_LOSSES, mind_ssc
 from .losses.smoothness import diffusion_loss
 from .warp import identity_grid, integrate_velocity, sample_at, warp
-
-RIGIDITY_TERMS = ("rigid_field", "pc", "oc", "rigid_dice", "volume")
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import resource
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import SimpleITK as sitk
@@ -36,6 +36,8 @@ import torch
 
 from .. import metrics
 from ..baselines.elastix import ElastixSettings, is_available, register_elastix
+from ..choices import make_settings
+from ..data.vertebrae import label_names
 from ..errors import InputError
 from ..geometry import Geometry, displacement_field_image, displacement_from_field_image
 from ..preprocess import resample_to_reference
@@ -293,37 +295,29 @@ _PREALIGNMENTS: dict = {}
 
 
 def _named_values(labels: sitk.Image) -> dict[str, int]:
-    from ..data.vertebrae import detect_scheme, vertebra_name
-
-    values = [int(v) for v in np.unique(sitk.GetArrayViewFromImage(labels)) if v > 0]
-    scheme = detect_scheme(values)
-    return {vertebra_name(v, scheme): v for v in values}
+    return {name: value for value, name in label_names(labels).items()}
 
 
 def named_centroids(labels: sitk.Image) -> dict[str, np.ndarray]:
     """Vertebra name -> LPS centroid (mm) of every label of ``labels`` (the benchmark's MR centre points)."""
-    from ..data.vertebrae import detect_scheme, vertebra_name
     from ..prealign import label_centroids
 
     centroids = label_centroids(labels)
-    scheme = detect_scheme(list(centroids))
-    return {vertebra_name(v, scheme): c for v, c in centroids.items()}
+    names = label_names(list(centroids))
+    return {names[v]: c for v, c in centroids.items()}
 
 
 class ModelCache:
     """Loads each network once (the bundled model or a checkpoint) on the requested device."""
 
     def __init__(self, device: str = "auto") -> None:
+        from ..pipeline import NetworkCache
+
         self.device = device
-        self._networks: dict[str | None, object] = {}
+        self._networks = NetworkCache()
 
     def get(self, checkpoint: str | None):
-        if checkpoint not in self._networks:
-            from ..pipeline import RegistrationSettings, resolve_network
-
-            settings = RegistrationSettings(device=self.device, model_path=checkpoint)
-            self._networks[checkpoint] = resolve_network(settings, None)
-        return self._networks[checkpoint]
+        return self._networks.get(make_settings(device=self.device, model_path=checkpoint))
 
 
 def run_method(method: Method, case: BenchmarkCase, models: ModelCache | None = None) -> MethodOutput:
@@ -357,16 +351,14 @@ def run_method(method: Method, case: BenchmarkCase, models: ModelCache | None = 
             displacement, result.runtime_s + resampled, memory.peak_mb, f"cpu ({threads} threads)", timings
         )
     if method.kind == KIND_MODEL:
-        from ..pipeline import RegistrationSettings, register
+        from ..pipeline import register
 
         models = models or ModelCache()
         network = models.get(method.checkpoint)
         device = next(network.parameters()).device
-        settings = RegistrationSettings(device=str(device), refine_steps=method.refine_steps)
-        if method.vertebra_rigid_steps is not None:
-            settings = replace(
-                settings, vertebra_rigid=replace(settings.vertebra_rigid, steps=method.vertebra_rigid_steps)
-            )
+        settings = make_settings(
+            device=str(device), refine_steps=method.refine_steps, vertebra_steps=method.vertebra_rigid_steps
+        )
         with PeakMemory(device) as memory:
             result = register(
                 case.fixed,
@@ -407,7 +399,6 @@ def evaluate(case: BenchmarkCase, displacement: torch.Tensor) -> tuple[list[dict
         ``(rows, field)``: ``rows`` from :func:`..metrics.vertebra_table` (with the vertebra ``name`` and
         ``abs_volume_change_percent``), ``field`` from :func:`..metrics.field_summary` over the whole grid.
     """
-    from ..data.vertebrae import detect_scheme, vertebra_name
     from ..geometry import image_to_tensor
 
     spacing = case.geometry.spacing_array_order
@@ -416,9 +407,9 @@ def evaluate(case: BenchmarkCase, displacement: torch.Tensor) -> tuple[list[dict
     rows = metrics.vertebra_table(
         moving, displacement, spacing, fixed_labels=fixed, true_displacement=case.true_displacement
     )
-    scheme = detect_scheme([int(r["label"]) for r in rows]) if rows else None
+    names = label_names([int(r["label"]) for r in rows])
     for row in rows:
-        row["name"] = vertebra_name(int(row["label"]), scheme) if scheme else str(row["label"])
+        row["name"] = names[int(row["label"])]
         row["abs_volume_change_percent"] = abs(float(row["volume_change_percent"]))
     return rows, metrics.field_summary(displacement, spacing)
 
@@ -450,7 +441,6 @@ def evaluate_transform(
     Returns:
         ``(rows, field)`` as :func:`evaluate`.
     """
-    from ..data.vertebrae import detect_scheme, vertebra_name
     from ..geometry import image_to_tensor
 
     reference = grid.reference_image()
@@ -469,9 +459,9 @@ def evaluate_transform(
     truth = displacement_on_grid(relative(true_transform), grid) if true_transform is not None else None
     spacing = grid.spacing_array_order
     rows = metrics.vertebra_table(labels, displacement, spacing, fixed_labels=fixed, true_displacement=truth)
-    scheme = detect_scheme([int(r["label"]) for r in rows]) if rows else None
+    names = label_names([int(r["label"]) for r in rows])
     for row in rows:
-        row["name"] = vertebra_name(int(row["label"]), scheme) if scheme else str(row["label"])
+        row["name"] = names[int(row["label"])]
     return rows, metrics.field_summary(displacement, spacing)
 
 
@@ -621,7 +611,7 @@ def speed_benchmark(
     from ..data.phantom import make_phantom
     from ..data.synthesis import synthesize_pair
     from ..network import NetworkConfig, RegistrationNet
-    from ..pipeline import RegistrationSettings, register, register_prealigned, resolve_network
+    from ..pipeline import register, register_prealigned, resolve_network
 
     def report(fraction: float, message: str) -> None:
         if progress:
@@ -631,13 +621,13 @@ def speed_benchmark(
     phantom = make_phantom(num_vertebrae=5, shape=tuple(shape), curvature_deg=20.0, seed=seed)
     pair = synthesize_pair(phantom.ct, phantom.labels, seed=seed, tissues=phantom.tissues)
     if bundled_model_available():
-        network = resolve_network(RegistrationSettings(device=device), None)
+        network = resolve_network(make_settings(device=device), None)
         weights = "bundled model"
     else:
         network = RegistrationNet(NetworkConfig()).to(torch.device(device if device != "auto" else "cpu")).eval()
         weights = "untrained network of the default architecture (bundled model absent)"
     torch_device = next(network.parameters()).device
-    settings = RegistrationSettings(device=str(torch_device), refine_steps=0)
+    settings = make_settings(device=str(torch_device), refine_steps=0)
     landmarks = named_centroids(pair.fixed_labels)
     report(0.1, "speed: srr-register pipeline")
     register(
