@@ -38,6 +38,7 @@ from .refine import RefineWeights, refine_velocity
 from .rigid import fit_rigid
 from .segmentation.align import bone_prealignment
 from .segmentation.stage import add_mr_bone_agreement, segment_mr
+from .system import available_memory_bytes
 from .warp import integrate_velocity, resize_displacement, warp_labels
 
 log = logging.getLogger(__name__)
@@ -340,23 +341,12 @@ def _check_memory(grid: Geometry, device: torch.device) -> None:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
     else:
-        free = _available_ram()
+        free = available_memory_bytes()
     if free is not None and needed > free:
         raise InputError(
             f"not enough memory: the {grid.shape} processing grid needs about {needed / 2**30:.1f} GiB, "
             f"{free / 2**30:.1f} GiB is free (use a larger --spacing or a smaller margin)"
         )
-
-
-def _available_ram() -> int | None:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as stream:
-            for line in stream:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def register_prealigned(

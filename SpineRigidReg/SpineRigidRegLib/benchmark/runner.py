@@ -41,6 +41,7 @@ from ..data.vertebrae import label_names
 from ..errors import InputError
 from ..geometry import Geometry, displacement_field_image, displacement_from_field_image
 from ..preprocess import resample_to_reference
+from ..system import process_status_kb
 from ..warp import warp_labels
 from .cases import BenchmarkCase
 
@@ -205,15 +206,7 @@ class PeakMemory:
 
 
 def _status_kb(field_name: str) -> int | None:
-    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``), or None without ``/proc``."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as stream:
-            for line in stream:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+    return process_status_kb(field_name)
 
 
 def _release_free_memory() -> None:

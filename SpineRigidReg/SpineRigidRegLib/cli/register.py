@@ -22,20 +22,6 @@ SAMPLE_FILES = {
     "moving_landmarks": "ct_landmarks.mrk.json",
 }
 
-TABLE_COLUMNS = [
-    ("name", "vertebra", "{}"),
-    ("rigid_dice", "rigid DSC", "{:.3f}"),
-    ("volume_change_percent", "Δvol %", "{:+.2f}"),
-    ("pc", "PC", "{:.4f}"),
-    ("oc", "OC", "{:.4f}"),
-    ("folding_voxels", "|J|<=0", "{}"),
-    ("mean_displacement_mm", "disp mm", "{:.2f}"),
-    ("dice", "DSC", "{:.3f}"),
-    ("tre_mm", "TRE mm", "{:.2f}"),
-    ("mr_coverage_percent", "in MR %", "{:.0f}"),
-    ("mr_bone_percent", "on MR bone %", "{:.0f}"),
-]
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -253,10 +239,12 @@ def describe_presets() -> str:
 
 def format_table(rows: list[dict]) -> str:
     """Per-vertebra metrics as an aligned text table (columns without data are left out)."""
-    columns = [c for c in TABLE_COLUMNS if any(row.get(c[0]) is not None for row in rows)]
-    cells = [[title for _, title, _ in columns]]
+    from ..metrics import present_columns
+
+    columns = [c for c in present_columns(rows) if c.short is not None]
+    cells = [[c.short for c in columns]]
     for row in rows:
-        cells.append([fmt.format(row[key]) if row.get(key) is not None else "-" for key, _, fmt in columns])
+        cells.append([c.fmt.format(row[c.key]) if row.get(c.key) is not None else "-" for c in columns])
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells)
 
