@@ -116,30 +116,14 @@ def scale_rigidity(settings, scale: float):
 def make_settings(
     preset: str | None = DEFAULT_PRESET,
     config: str | os.PathLike | Mapping | None = None,
-    *,
-    device: str | None = None,
-    model_path: str | os.PathLike | None = None,
-    model_sha256: str | None = None,
-    refine_steps: int | None = None,
-    vertebra_steps: int | None = None,
-    rigidity: Mapping[str, float] | None = None,
-    vertebra_weights: Mapping[int, float] | None = None,
-    mr_segmentation: bool | None = None,
-    bone_prealign: bool | None = None,
+    **choices,
 ):
     """Registration settings from a user's choices (the order of the module docstring).
 
     Args:
         preset: A shipped preset (:func:`preset_names`), ``"custom"`` (= the default) or ``None`` (= the default).
         config: A settings file or its contents as a mapping.
-        device: ``"auto"``, ``"cpu"`` or ``"cuda[:N]"``.
-        model_path, model_sha256: A checkpoint instead of the bundled model, and the sha256 it must have.
-        refine_steps: Dense refinement steps (0 = off).
-        vertebra_steps: Steps of the vertebra-wise rigid alignment (0 = off).
-        rigidity: Refinement weights of the rigidity terms (:data:`RIGIDITY_TERMS`), replacing the preset's.
-        vertebra_weights: Label -> multiplier of the rigidity terms (0 excludes a vertebra; 1 is left out); see
-            :func:`label_weights` to get it from vertebra names.
-        mr_segmentation, bone_prealign: See :class:`~.pipeline.RegistrationSettings`.
+        **choices: The explicit choices, applied last (:func:`update_settings`).
 
     Returns:
         A :class:`~.pipeline.RegistrationSettings`.
@@ -159,18 +143,7 @@ def make_settings(
         scale *= source.get("rigidity_scale", 1.0)
     if scale != 1.0:
         settings = scale_rigidity(settings, scale)
-    return update_settings(
-        settings,
-        device=device,
-        model_path=model_path,
-        model_sha256=model_sha256,
-        refine_steps=refine_steps,
-        vertebra_steps=vertebra_steps,
-        rigidity=rigidity,
-        vertebra_weights=vertebra_weights,
-        mr_segmentation=mr_segmentation,
-        bone_prealign=bone_prealign,
-    )
+    return update_settings(settings, **choices)
 
 
 def update_settings(
@@ -186,8 +159,23 @@ def update_settings(
     mr_segmentation: bool | None = None,
     bone_prealign: bool | None = None,
 ):
-    """``settings`` with the explicit choices of :func:`make_settings` applied (``None`` leaves a value alone); the
-    Slicer Logic's corrections change a result's settings through it."""
+    """``settings`` with explicit choices applied (``None`` leaves a value alone); the last step of
+    :func:`make_settings`, and how the Slicer Logic's corrections change a result's settings.
+
+    Args:
+        settings: A :class:`~.pipeline.RegistrationSettings`.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda[:N]"``.
+        model_path, model_sha256: A checkpoint instead of the bundled model, and the sha256 it must have.
+        refine_steps: Dense refinement steps (0 = off).
+        vertebra_steps: Steps of the vertebra-wise rigid alignment (0 = off).
+        rigidity: Refinement weights of the rigidity terms (:data:`RIGIDITY_TERMS`), replacing the preset's.
+        vertebra_weights: Label -> multiplier of the rigidity terms (0 excludes a vertebra; 1 is left out); see
+            :func:`label_weights` to get it from vertebra names.
+        mr_segmentation, bone_prealign: See :class:`~.pipeline.RegistrationSettings`.
+
+    Raises:
+        InputError: An unknown rigidity term or a value out of range.
+    """
     if rigidity:
         unknown = sorted(set(rigidity) - set(RIGIDITY_TERMS))
         if unknown:
