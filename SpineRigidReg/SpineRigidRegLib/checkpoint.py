@@ -88,7 +88,10 @@ def read_checkpoint(
         raise InputError(f"cannot read model file {path.name}: {error.__class__.__name__}") from error
     if not isinstance(payload, dict) or payload.get("format") != expected_format:
         found = payload.get("format") if isinstance(payload, dict) else None
-        raise InputError(f"{path.name} is not a {expected_format} file (format {found!r})")
+        raise InputError(
+            f"{path.name} is not a SpineRigidReg checkpoint of the kind needed here ({expected_format}; its format: "
+            f"{found!r})"
+        )
     if int(payload.get("version", 0)) > CHECKPOINT_VERSION:
         raise InputError(f"{path.name} needs a newer SpineRigidReg (checkpoint version {payload['version']})")
     return payload
