@@ -160,10 +160,13 @@ class SpineRigidRegParameterNode:
     mrSegmentation: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]  # noqa: UP007, UP045 (parameterNodeWrapper reads typing.Union)
     ctCentres: Optional[vtkMRMLMarkupsFiducialNode]  # noqa: UP007, UP045 (parameterNodeWrapper reads typing.Union)
     mrCentres: Optional[vtkMRMLMarkupsFiducialNode]  # noqa: UP007, UP045 (parameterNodeWrapper reads typing.Union)
+    # The core's RefineWeights defaults and the core's preset files (SpineRigidRegLib/presets) + "custom": this file
+    # imports no core before the dependency check, so they are repeated here, and Testing/test_module_files.py
+    # checks that they (and the .ui's) equal the core's.
     rigidityPreset: Annotated[str, Choice(["default", "strict", "soft", "custom"])] = "default"
-    rigidField: Annotated[float, WithinRange(0.0, 10.0)] = 0.01
-    pc: Annotated[float, WithinRange(0.0, 10.0)] = 0.1
-    oc: Annotated[float, WithinRange(0.0, 10.0)] = 0.05
+    rigidField: Annotated[float, WithinRange(0.0, 10.0)] = 0.04
+    pc: Annotated[float, WithinRange(0.0, 10.0)] = 0.4
+    oc: Annotated[float, WithinRange(0.0, 10.0)] = 0.2
     rigidDice: Annotated[float, WithinRange(0.0, 10.0)] = 0.0
     vertebraSteps: Annotated[int, WithinRange(0, 500)] = 30
     refineSteps: Annotated[int, WithinRange(0, 500)] = 0

@@ -282,3 +282,17 @@ def test_point_pairs_from_files_are_honoured_rigidly(case, tmp_path):
     transform = sitk.ReadTransform(str(tmp_path / "out" / "transform.h5"))
     errors = [np.linalg.norm(np.asarray(transform.TransformPoint(tuple(mr_points[k]))) - ct_points[k]) for k in offsets]
     assert max(errors) < 0.6, errors  # mm
+
+
+def test_presets_and_a_config_file_reach_the_pipeline(case, tmp_path, capsys):
+    assert register_cli.main(["--list-presets"]) == 0
+    listed = capsys.readouterr().out
+    assert all(f"{name}:" in listed for name in ("default", "strict", "soft"))
+    config = tmp_path / "mine.yaml"
+    config.write_text("settings:\n  vertebra_rigid:\n    steps: 0\n", encoding="utf-8")
+    # the config sets the rigid stage; the flag --refine-steps 2 still wins over the preset's 0
+    assert run_register(case, tmp_path / "a", "--preset", "strict", "--config", str(config)) == 0
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text(encoding="utf-8"))
+    assert summary["vertebra_rigid_steps"] == 0 and summary["refine_steps"] == 2
+    assert run_register(case, tmp_path / "b", "--preset", "extreme") == 2
+    assert "unknown rigidity preset" in capsys.readouterr().err and not (tmp_path / "b").exists()

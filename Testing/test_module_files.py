@@ -179,6 +179,31 @@ def test_every_bound_widget_names_a_parameter_of_the_parameter_node(module_ast, 
     assert {"ctVolume", "ctSegmentation", "mrVolume", "refineSteps", "device", "rigidityPreset"} <= bound
 
 
+def test_the_panels_presets_and_custom_weights_are_the_cores(module_ast, ui_root):
+    """The module file imports no core before its dependency check, so it repeats these; they must not drift."""
+    from SpineRigidRegLib.choices import CUSTOM, preset_names
+    from SpineRigidRegLib.refine import RefineWeights
+
+    node = classes(module_ast)["SpineRigidRegParameterNode"]
+    assigned = {s.target.id: s for s in node.body if isinstance(s, ast.AnnAssign)}
+    defaults = {name: ast.literal_eval(assigned[name].value) for name in ("rigidField", "pc", "oc", "rigidDice")}
+    core = RefineWeights()
+    expected = {"rigidField": core.rigid_field, "pc": core.pc, "oc": core.oc, "rigidDice": core.rigid_dice}
+    assert defaults == expected
+    spin_boxes = {
+        widget.find("property[@name='SlicerParameterName']/string").text: float(
+            widget.find("property[@name='value']/double").text
+        )
+        for widget in ui_root.iter("widget")
+        if widget.get("class") == "QDoubleSpinBox" and widget.find("property[@name='SlicerParameterName']") is not None
+    }
+    assert {name: spin_boxes[name] for name in expected} == expected
+    choice = assigned["rigidityPreset"].annotation.slice.elts[1]  # Annotated[str, Choice([...])]
+    assert set(ast.literal_eval(choice.args[0])) == {*preset_names(), CUSTOM}
+    combo = next(w for w in ui_root.iter("widget") if w.get("name") == "rigidityPresetComboBox")
+    assert {item.findtext("property/string") for item in combo.iter("item")} == {*preset_names(), CUSTOM}
+
+
 def test_sample_case_files_match_the_core_and_the_help_explains_the_workflow(module_ast):
     from SpineRigidRegLib.cli.register import SAMPLE_FILES
 

@@ -176,7 +176,7 @@ def test_a_vertebra_cut_by_the_fields_of_view_follows_the_anatomy_not_their_edge
 
 
 def test_the_overlap_mask_is_where_the_fixed_image_and_the_warped_moving_image_both_have_data():
-    from SpineRigidRegLib.refine import overlap_mask
+    from SpineRigidRegLib.warp import overlap_mask
 
     fixed_mask = torch.zeros(1, 1, 8, 6, 6, dtype=torch.bool)
     fixed_mask[:, :, :6] = True

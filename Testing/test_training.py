@@ -491,6 +491,15 @@ def test_srr_ablation_trains_the_baseline_then_fine_tunes_rows_from_its_mileston
     assert read_csv(out / "pc_rigid_field" / "train.csv")[0]["rigidity"] > 0
     assert "Initial" in capsys.readouterr().out
 
+    # Round trip: the benchmark takes the manifest the ablation wrote (docs/TRAINING.md's command).
+    from SpineRigidRegLib.benchmark import runner
+
+    methods, _ = runner.default_methods(manifest=out / "manifest.json", include_bundled=False)
+    models = [m for m in methods if m.kind == runner.KIND_MODEL]
+    assert [m.name for m in models] == ["Baseline", "PC + rigid field", "Volume loss"]
+    for method, row in zip(models, manifest["rows"], strict=True):
+        assert method.checkpoint == str(out / row["checkpoint"]) and method.vertebra_rigid_steps == 0
+
 
 # ------------------------------------------------------------------------------------------ bundled model
 

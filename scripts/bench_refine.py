@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -177,16 +176,6 @@ def merge_runs(runs: list[dict]) -> dict:
     return merged
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def markdown(results: dict, baseline: dict | None) -> str:
     meta = results["meta"]
     lines = [
@@ -230,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import SpineRigidRegLib
     import torch
+    from SpineRigidRegLib.system import cpu_name
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

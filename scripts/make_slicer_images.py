@@ -171,16 +171,14 @@ def qt_ready_ui(ui_text: str) -> str:
 def sample_vertebrae() -> list[str]:
     """Vertebra names of the sample case's CT labels, cranial first (empty without the sample data)."""
     try:
-        import numpy as np
         import SimpleITK as sitk
-        from SpineRigidRegLib.data.vertebrae import detect_scheme, spine_order, vertebra_name
+        from SpineRigidRegLib.data.vertebrae import detect_scheme, label_names, spine_order
     except ImportError:
         return []
     if not SAMPLE_LABELS.is_file():
         return []
-    values = [int(v) for v in np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLE_LABELS)))) if v > 0]
-    scheme = detect_scheme(values)
-    return [vertebra_name(v, scheme) for v in spine_order(values, scheme)]
+    names = label_names(sitk.ReadImage(str(SAMPLE_LABELS)))
+    return [names[v] for v in spine_order(names, detect_scheme(names))]
 
 
 def read_rows(csv_path: Path | None, names: list[str]) -> list[dict]:

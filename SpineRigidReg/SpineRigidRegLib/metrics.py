@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -413,6 +414,47 @@ def field_summary(
 
 
 # ------------------------------------------------------------------------------------------------------ tables
+@dataclass(frozen=True)
+class VertebraColumn:
+    """One column of the per-vertebra table (rows of :func:`vertebra_table` and the pipeline's additions).
+
+    Attributes:
+        key: The row key.
+        title: Column title in tables (the Slicer table).
+        short: Column title in the terminal (``srr-register``/``srr-evaluate``); ``None`` leaves it out there.
+        kind: ``"string"``, ``"int"`` or ``"double"``.
+        fmt: Format of a value in the terminal.
+    """
+
+    key: str
+    title: str
+    short: str | None
+    kind: str
+    fmt: str
+
+
+#: The per-vertebra table's columns, in order: the one list the command lines and the Slicer table show.
+VERTEBRA_TABLE_COLUMNS: tuple[VertebraColumn, ...] = (
+    VertebraColumn("name", "Vertebra", "vertebra", "string", "{}"),
+    VertebraColumn("label", "Label", None, "int", "{}"),
+    VertebraColumn("rigid_dice", "Rigid DSC", "rigid DSC", "double", "{:.3f}"),
+    VertebraColumn("volume_change_percent", "Volume change (%)", "Δvol %", "double", "{:+.2f}"),
+    VertebraColumn("pc", "PC", "PC", "double", "{:.4f}"),
+    VertebraColumn("oc", "OC", "OC", "double", "{:.4f}"),
+    VertebraColumn("folding_voxels", "Folding voxels", "|J|<=0", "int", "{}"),
+    VertebraColumn("mean_displacement_mm", "Mean displacement (mm)", "disp mm", "double", "{:.2f}"),
+    VertebraColumn("dice", "DSC", "DSC", "double", "{:.3f}"),
+    VertebraColumn("tre_mm", "TRE (mm)", "TRE mm", "double", "{:.2f}"),
+    VertebraColumn("mr_coverage_percent", "In MR view (%)", "in MR %", "double", "{:.0f}"),
+    VertebraColumn("mr_bone_percent", "On MR bone (%)", "on MR bone %", "double", "{:.0f}"),
+)
+
+
+def present_columns(rows: Sequence[Mapping]) -> list[VertebraColumn]:
+    """The columns of :data:`VERTEBRA_TABLE_COLUMNS` that hold a value in at least one of ``rows``."""
+    return [c for c in VERTEBRA_TABLE_COLUMNS if any(row.get(c.key) is not None for row in rows)]
+
+
 def vertebra_table(
     moving_labels: object,
     displacement: object,

@@ -25,6 +25,7 @@ import torch
 
 from . import metrics
 from .checkpoint import card_sha256, is_sha256, load_bundled_network, load_network, select_device
+from .data.vertebrae import label_names
 from .errors import CancelledError, InputError
 from .geometry import Geometry, displacement_field_image, image_to_tensor, tensor_to_image
 from .io import write_rows_csv
@@ -37,6 +38,7 @@ from .refine import RefineWeights, refine_velocity
 from .rigid import fit_rigid
 from .segmentation.align import bone_prealignment
 from .segmentation.stage import add_mr_bone_agreement, segment_mr
+from .system import available_memory_bytes
 from .warp import integrate_velocity, resize_displacement, warp_labels
 
 log = logging.getLogger(__name__)
@@ -339,23 +341,12 @@ def _check_memory(grid: Geometry, device: torch.device) -> None:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
     else:
-        free = _available_ram()
+        free = available_memory_bytes()
     if free is not None and needed > free:
         raise InputError(
             f"not enough memory: the {grid.shape} processing grid needs about {needed / 2**30:.1f} GiB, "
             f"{free / 2**30:.1f} GiB is free (use a larger --spacing or a smaller margin)"
         )
-
-
-def _available_ram() -> int | None:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as stream:
-            for line in stream:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def register_prealigned(
@@ -474,6 +465,20 @@ def resolve_network(settings: RegistrationSettings, network: RegistrationNet | N
     return load_bundled_network(device=device)
 
 
+class NetworkCache:
+    """Networks loaded once per model, expected sha256 and device (the Slicer Logic and the benchmark keep one)."""
+
+    def __init__(self) -> None:
+        self._networks: dict[tuple, RegistrationNet] = {}
+
+    def get(self, settings: RegistrationSettings) -> RegistrationNet:
+        """:func:`resolve_network` of ``settings`` without a given network, loaded on the first call only."""
+        key = (settings.model_path, settings.model_sha256, settings.device)
+        if key not in self._networks:
+            self._networks[key] = resolve_network(settings, None)
+        return self._networks[key]
+
+
 def register(
     fixed: sitk.Image,
     moving: sitk.Image,
@@ -530,7 +535,7 @@ def register(
     _check_cancel(should_cancel)
 
     t = time.perf_counter()
-    names = _label_names(moving_labels)
+    names = label_names(moving_labels)
     pre = None
     if settings.bone_prealign and fixed_landmarks is None and mr_bone is not None:
         pre = bone_prealignment(fixed, sitk.Cast(mr_bone, sitk.sitkFloat32), moving_labels)
@@ -704,14 +709,6 @@ def _label_interpolator() -> int:
     return getattr(sitk, "sitkLabelLinear", sitk.sitkNearestNeighbor)
 
 
-def _label_names(labels: sitk.Image) -> dict[int, str]:
-    from .data.vertebrae import detect_scheme, vertebra_name
-
-    values = [int(v) for v in np.unique(sitk.GetArrayViewFromImage(labels)) if v > 0]
-    scheme = detect_scheme(values)
-    return {v: vertebra_name(v, scheme) for v in values}
-
-
 def _point_pairs_to_voxels(
     pairs: Sequence[tuple[np.ndarray, np.ndarray]], pre: Prealignment, grid: Geometry
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -863,6 +860,7 @@ def _json_default(value: object) -> object:
 __all__ = [
     "RegistrationResult",
     "RegistrationSettings",
+    "NetworkCache",
     "RefineWeights",
     "register",
     "register_prealigned",

@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import SimpleITK as sitk
 import slicer
 import torch
+from SpineRigidRegLib.choices import CUSTOM, label_weights, make_settings, preset_names, update_settings
+from SpineRigidRegLib.data.vertebrae import label_names
 from SpineRigidRegLib.errors import InputError
 from SpineRigidRegLib.geometry import lps_points_to_ras
 from SpineRigidRegLib.network import RegistrationNet
-from SpineRigidRegLib.pipeline import RefineWeights, RegistrationResult, RegistrationSettings, register, resolve_network
+from SpineRigidRegLib.pipeline import NetworkCache, RegistrationResult, RegistrationSettings, register, resolve_network
 from SpineRigidRegLib.prealign import label_centroids
 
 from . import nodes, outputs
@@ -33,9 +35,8 @@ log = logging.getLogger(__name__)
 ProgressCallback = Callable[[float, str], None]
 CancelCallback = Callable[[], bool]
 
-#: Rigidity presets: multiplier of the dense refinement's default weights of the rigidity terms (``RefineWeights``).
-RIGIDITY_PRESETS: dict[str, float] = {"default": 1.0, "strict": 4.0, "soft": 0.25}
-RIGIDITY_TERMS = ("rigid_field", "pc", "oc", "rigid_dice")
+#: The panel's rigidity presets: the core's preset files (``SpineRigidRegLib/presets``) and "custom".
+RIGIDITY_PRESETS: tuple[str, ...] = (*preset_names(), CUSTOM)
 #: Results kept for undo.
 HISTORY_LENGTH = 10
 
@@ -104,10 +105,10 @@ def makeSettings(
     modelPath: str | None = None,
     vertebraSteps: int | None = None,
 ) -> RegistrationSettings:
-    """Core settings from the panel's choices.
+    """Core settings from the panel's choices (:func:`SpineRigidRegLib.choices.make_settings` in Slicer's names).
 
     Args:
-        preset: A :data:`RIGIDITY_PRESETS` key (scales the default rigidity weights) or ``"custom"``.
+        preset: A :data:`RIGIDITY_PRESETS` name (a core preset file, or ``"custom"``: the default with ``weights``).
         refineSteps: Test-time refinement steps.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         weights: For ``"custom"`` (or to override a preset): ``rigid_field``, ``pc``, ``oc``, ``rigid_dice``.
@@ -116,30 +117,15 @@ def makeSettings(
         vertebraSteps: Steps of the vertebra-wise rigid alignment after the network (``None``: the core's default;
             0 = off).
     """
-    base = RefineWeights()
-    if preset != "custom":
-        if preset not in RIGIDITY_PRESETS:
-            raise InputError(f"unknown rigidity preset {preset!r}; choose from {', '.join(RIGIDITY_PRESETS)}, custom")
-        scale = RIGIDITY_PRESETS[preset]
-        base = replace(base, **{term: getattr(base, term) * scale for term in RIGIDITY_TERMS})
-    if weights:
-        unknown = sorted(set(weights) - set(RIGIDITY_TERMS))
-        if unknown:
-            raise InputError(f"unknown rigidity weight(s): {', '.join(unknown)}")
-        base = replace(base, **{k: float(v) for k, v in weights.items()})
-    cleaned = {int(k): float(v) for k, v in (vertebraWeights or {}).items() if float(v) != 1.0}
-    settings = RegistrationSettings(
+    return make_settings(
+        preset,
         device=device,
-        refine_steps=int(refineSteps),
-        refine_weights=base,
-        vertebra_weights=cleaned or None,
         model_path=modelPath or None,
+        refine_steps=refineSteps,
+        vertebra_steps=vertebraSteps,
+        rigidity=weights,
+        vertebra_weights=vertebraWeights or {},
     )
-    if vertebraSteps is not None:
-        if int(vertebraSteps) < 0:
-            raise InputError("vertebra alignment steps must be >= 0")
-        settings = replace(settings, vertebra_rigid=replace(settings.vertebra_rigid, steps=int(vertebraSteps)))
-    return settings
 
 
 class SpineRigidRegLogic:
@@ -155,7 +141,7 @@ class SpineRigidRegLogic:
     def __init__(self, scene: slicer.vtkMRMLScene | None = None) -> None:
         self._scene = scene
         self.network: RegistrationNet | None = None
-        self._networkCache: dict[tuple, RegistrationNet] = {}
+        self._networkCache = NetworkCache()
         self.history: list[RegistrationRun] = []
         self.outputs: OutputNodes | None = None
 
@@ -238,17 +224,7 @@ class SpineRigidRegLogic:
         Raises:
             InputError: A name that is not a vertebra of the CT segmentation.
         """
-        byName = dict(inputs.aliases)
-        byName.update({name.upper(): value for value, name in inputs.labelNames.items()})
-        out: dict[int, float] = {}
-        for key, weight in (weights or {}).items():
-            value = key if isinstance(key, int) else byName.get(str(key).strip().upper())
-            if value is None or value not in inputs.labelNames:
-                raise InputError(f"{key!r} is not a vertebra of the CT segmentation")
-            if not np.isfinite(weight) or weight < 0:
-                raise InputError(f"the rigidity weight of {key} must be a number >= 0, got {weight}")
-            out[int(value)] = float(weight)
-        return out
+        return label_weights(weights, inputs.labelNames, inputs.aliases)
 
     # ------------------------------------------------------------------------------------------ compute
 
@@ -256,10 +232,7 @@ class SpineRigidRegLogic:
         """The network for ``settings`` (injected, cached, or loaded once per model and device)."""
         if self.network is not None:
             return resolve_network(settings, self.network)
-        key = (settings.model_path, settings.device)
-        if key not in self._networkCache:
-            self._networkCache[key] = resolve_network(settings, None)
-        return self._networkCache[key]
+        return self._networkCache.get(settings)
 
     def compute(
         self,
@@ -319,17 +292,10 @@ class SpineRigidRegLogic:
             raise InputError("run a registration first; corrections refine the current result")
         current = self.history[-1]
         pairs = nodes.pointPairs(ctPoints, mrPoints)
-        settings = current.settings
-        changes: dict = {}
-        if refineSteps is not None:
-            changes["refine_steps"] = int(refineSteps)
-        if vertebraWeights is not None:
-            byLabel = self.labelWeights(current.inputs, vertebraWeights)
-            cleaned = {k: v for k, v in byLabel.items() if v != 1.0}
-            changes["vertebra_weights"] = cleaned or None
-        if weights:
-            changes["refine_weights"] = replace(settings.refine_weights, **{k: float(v) for k, v in weights.items()})
-        settings = replace(settings, **changes)
+        byLabel = None if vertebraWeights is None else self.labelWeights(current.inputs, vertebraWeights)
+        settings = update_settings(
+            current.settings, refine_steps=refineSteps, rigidity=weights, vertebra_weights=byLabel
+        )
         if settings.refine_steps < 1 and not pairs:
             raise InputError("place CT/MR point pairs or set at least one refinement step to re-run the refinement")
         return current.inputs, settings, pairs, current.result.velocity
@@ -538,15 +504,7 @@ class SpineRigidRegLogic:
 
 def _completeNames(labels: sitk.Image, names: Mapping[int, str]) -> dict[int, str]:
     """Names of every label of ``labels``: the given ones, else the vertebra name of its numbering, else the value."""
-    from SpineRigidRegLib.data.vertebrae import detect_scheme, is_vertebra, vertebra_name
-
-    values = [int(v) for v in np.unique(sitk.GetArrayViewFromImage(labels)) if v > 0]
-    scheme = detect_scheme(values)
-    out = {}
-    for v in values:
-        fallback = vertebra_name(v, scheme) if is_vertebra(v, scheme) else str(v)
-        out[v] = nodes.displayName(v, names, fallback)
-    return out
+    return {v: nodes.displayName(v, names, fallback) for v, fallback in label_names(labels).items()}
 
 
 def _matchLabelsByName(labels: sitk.Image, names: Mapping[int, str], reference: Mapping[int, str]) -> sitk.Image:

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import slicer
 import vtk
+from SpineRigidRegLib.metrics import present_columns
 
 #: Window of the Jacobian colour table: symmetric about 1, with det J = 0 on an entry boundary.
 JACOBIAN_RANGE = (-1.0, 3.0)
@@ -20,21 +21,6 @@ FOLDING_COLOR = (1.0, 0.8, 0.0)
 #: Rigid DSC at which a vertebra turns red (and 1.0 is green).
 RIGIDITY_RED_AT = 0.85
 
-#: Table columns: core row key -> (column title, kind). Columns of keys absent from every row are left out.
-TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("name", "Vertebra", "string"),
-    ("label", "Label", "int"),
-    ("rigid_dice", "Rigid DSC", "double"),
-    ("volume_change_percent", "Volume change (%)", "double"),
-    ("pc", "PC", "double"),
-    ("oc", "OC", "double"),
-    ("folding_voxels", "Folding voxels", "int"),
-    ("mean_displacement_mm", "Mean displacement (mm)", "double"),
-    ("dice", "DSC", "double"),
-    ("tre_mm", "TRE (mm)", "double"),
-    ("mr_coverage_percent", "In MR view (%)", "double"),
-    ("mr_bone_percent", "On MR bone (%)", "double"),
-)
 #: Columns holding the warped vertebra's centre (RAS mm), used to centre the views on a row.
 CENTRE_COLUMNS = ("R", "A", "S")
 #: Plot series: table column -> colour.
@@ -111,7 +97,7 @@ def fillTable(
     tableNode: slicer.vtkMRMLTableNode, rows: Sequence[Mapping], centresRas: Mapping[int, np.ndarray]
 ) -> slicer.vtkMRMLTableNode:
     """One row per vertebra with the core's figures (``nan`` where a figure does not exist) and its RAS centre."""
-    columns = [(key, title, kind) for key, title, kind in TABLE_COLUMNS if any(r.get(key) is not None for r in rows)]
+    columns = [(c.key, c.title, c.kind) for c in present_columns(rows)]
     table = vtk.vtkTable()
     arrays = [_column(kind, title) for _, title, kind in columns]
     centres = [_column("double", name) for name in CENTRE_COLUMNS]

@@ -8,8 +8,9 @@ Rows (methods):
     and its labels resampled through the pre-alignment onto the MR grid; the total map is pre-alignment o B-spline.
     ``elastix (no penalty)``: the same registration without the penalty.
     Our models: the bundled model (``Resources/Models/default.json``) without and with test-time refinement, and
-    any checkpoint of an ablation manifest (a JSON list of ``{"name": ..., "checkpoint": ...}``, paths relative to
-    the manifest), network only. They run through :func:`..pipeline.register` given the same MR centre points.
+    any checkpoint of an ablation manifest (``srr-ablation``'s ``manifest.json`` or a JSON list of
+    ``{"name": ..., "checkpoint": ...}``, :mod:`..training.manifest`), network only. They run through
+    :func:`..pipeline.register` given the same MR centre points.
 
 Every method yields a transform or a field that is sampled on the case grid as a pull-back displacement in voxels;
 the metrics are those of :mod:`..metrics` (per vertebra: DSC against the fixed labels, rigid DSC, volume change, PC,
@@ -26,9 +27,8 @@ import os
 import resource
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import SimpleITK as sitk
@@ -36,9 +36,12 @@ import torch
 
 from .. import metrics
 from ..baselines.elastix import ElastixSettings, is_available, register_elastix
+from ..choices import make_settings
+from ..data.vertebrae import label_names
 from ..errors import InputError
 from ..geometry import Geometry, displacement_field_image, displacement_from_field_image
 from ..preprocess import resample_to_reference
+from ..system import process_status_kb
 from ..warp import warp_labels
 from .cases import BenchmarkCase
 
@@ -92,34 +95,17 @@ def bundled_model_available() -> bool:
 
 
 def read_manifest(path: str | os.PathLike) -> list[Method]:
-    """Model rows from an ablation manifest: a JSON list of ``{"name": str, "checkpoint": path}``.
+    """Model rows (network only) from an ablation manifest (:mod:`..training.manifest` reads every form of it).
 
-    Relative checkpoint paths are relative to the manifest's folder. A missing checkpoint is an error.
+    A row is named by its label (Table 1's, e.g. ``"PC + rigid field"``), or its name where there is none.
     """
-    path = Path(path)
-    try:
-        with open(path, encoding="utf-8") as stream:
-            entries = json.load(stream)
-    except FileNotFoundError:
-        raise InputError(f"ablation manifest not found: {path}") from None
-    except json.JSONDecodeError as error:
-        raise InputError(f"ablation manifest {path} is not valid JSON ({error})") from None
-    if isinstance(entries, Mapping) and "models" in entries:
-        entries = entries["models"]
-    if not isinstance(entries, list):
-        raise InputError(f"ablation manifest {path} must hold a list of {{name, checkpoint}} entries")
-    methods = []
-    for entry in entries:
-        if not isinstance(entry, Mapping) or "name" not in entry or "checkpoint" not in entry:
-            raise InputError(f"every entry of {path} needs 'name' and 'checkpoint', got {entry!r}")
-        checkpoint = Path(entry["checkpoint"])
-        if not checkpoint.is_absolute():
-            checkpoint = path.parent / checkpoint
-        if not checkpoint.is_file():
-            raise InputError(f"checkpoint of {entry['name']!r} not found: {checkpoint}")
-        # network alone: the rows compare what each training taught, as the paper's Table 1 does
-        methods.append(Method(str(entry["name"]), KIND_MODEL, checkpoint=str(checkpoint), vertebra_rigid_steps=0))
-    return methods
+    from ..training.manifest import read_manifest as read_models
+
+    # network alone: the rows compare what each training taught, as the paper's Table 1 does
+    return [
+        Method(model.label, KIND_MODEL, checkpoint=str(model.checkpoint), vertebra_rigid_steps=0)
+        for model in read_models(path)
+    ]
 
 
 def default_methods(
@@ -220,15 +206,7 @@ class PeakMemory:
 
 
 def _status_kb(field_name: str) -> int | None:
-    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``), or None without ``/proc``."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as stream:
-            for line in stream:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+    return process_status_kb(field_name)
 
 
 def _release_free_memory() -> None:
@@ -310,37 +288,29 @@ _PREALIGNMENTS: dict = {}
 
 
 def _named_values(labels: sitk.Image) -> dict[str, int]:
-    from ..data.vertebrae import detect_scheme, vertebra_name
-
-    values = [int(v) for v in np.unique(sitk.GetArrayViewFromImage(labels)) if v > 0]
-    scheme = detect_scheme(values)
-    return {vertebra_name(v, scheme): v for v in values}
+    return {name: value for value, name in label_names(labels).items()}
 
 
 def named_centroids(labels: sitk.Image) -> dict[str, np.ndarray]:
     """Vertebra name -> LPS centroid (mm) of every label of ``labels`` (the benchmark's MR centre points)."""
-    from ..data.vertebrae import detect_scheme, vertebra_name
     from ..prealign import label_centroids
 
     centroids = label_centroids(labels)
-    scheme = detect_scheme(list(centroids))
-    return {vertebra_name(v, scheme): c for v, c in centroids.items()}
+    names = label_names(list(centroids))
+    return {names[v]: c for v, c in centroids.items()}
 
 
 class ModelCache:
     """Loads each network once (the bundled model or a checkpoint) on the requested device."""
 
     def __init__(self, device: str = "auto") -> None:
+        from ..pipeline import NetworkCache
+
         self.device = device
-        self._networks: dict[str | None, object] = {}
+        self._networks = NetworkCache()
 
     def get(self, checkpoint: str | None):
-        if checkpoint not in self._networks:
-            from ..pipeline import RegistrationSettings, resolve_network
-
-            settings = RegistrationSettings(device=self.device, model_path=checkpoint)
-            self._networks[checkpoint] = resolve_network(settings, None)
-        return self._networks[checkpoint]
+        return self._networks.get(make_settings(device=self.device, model_path=checkpoint))
 
 
 def run_method(method: Method, case: BenchmarkCase, models: ModelCache | None = None) -> MethodOutput:
@@ -374,16 +344,14 @@ def run_method(method: Method, case: BenchmarkCase, models: ModelCache | None = 
             displacement, result.runtime_s + resampled, memory.peak_mb, f"cpu ({threads} threads)", timings
         )
     if method.kind == KIND_MODEL:
-        from ..pipeline import RegistrationSettings, register
+        from ..pipeline import register
 
         models = models or ModelCache()
         network = models.get(method.checkpoint)
         device = next(network.parameters()).device
-        settings = RegistrationSettings(device=str(device), refine_steps=method.refine_steps)
-        if method.vertebra_rigid_steps is not None:
-            settings = replace(
-                settings, vertebra_rigid=replace(settings.vertebra_rigid, steps=method.vertebra_rigid_steps)
-            )
+        settings = make_settings(
+            device=str(device), refine_steps=method.refine_steps, vertebra_steps=method.vertebra_rigid_steps
+        )
         with PeakMemory(device) as memory:
             result = register(
                 case.fixed,
@@ -424,7 +392,6 @@ def evaluate(case: BenchmarkCase, displacement: torch.Tensor) -> tuple[list[dict
         ``(rows, field)``: ``rows`` from :func:`..metrics.vertebra_table` (with the vertebra ``name`` and
         ``abs_volume_change_percent``), ``field`` from :func:`..metrics.field_summary` over the whole grid.
     """
-    from ..data.vertebrae import detect_scheme, vertebra_name
     from ..geometry import image_to_tensor
 
     spacing = case.geometry.spacing_array_order
@@ -433,9 +400,9 @@ def evaluate(case: BenchmarkCase, displacement: torch.Tensor) -> tuple[list[dict
     rows = metrics.vertebra_table(
         moving, displacement, spacing, fixed_labels=fixed, true_displacement=case.true_displacement
     )
-    scheme = detect_scheme([int(r["label"]) for r in rows]) if rows else None
+    names = label_names([int(r["label"]) for r in rows])
     for row in rows:
-        row["name"] = vertebra_name(int(row["label"]), scheme) if scheme else str(row["label"])
+        row["name"] = names[int(row["label"])]
         row["abs_volume_change_percent"] = abs(float(row["volume_change_percent"]))
     return rows, metrics.field_summary(displacement, spacing)
 
@@ -467,7 +434,6 @@ def evaluate_transform(
     Returns:
         ``(rows, field)`` as :func:`evaluate`.
     """
-    from ..data.vertebrae import detect_scheme, vertebra_name
     from ..geometry import image_to_tensor
 
     reference = grid.reference_image()
@@ -486,9 +452,9 @@ def evaluate_transform(
     truth = displacement_on_grid(relative(true_transform), grid) if true_transform is not None else None
     spacing = grid.spacing_array_order
     rows = metrics.vertebra_table(labels, displacement, spacing, fixed_labels=fixed, true_displacement=truth)
-    scheme = detect_scheme([int(r["label"]) for r in rows]) if rows else None
+    names = label_names([int(r["label"]) for r in rows])
     for row in rows:
-        row["name"] = vertebra_name(int(row["label"]), scheme) if scheme else str(row["label"])
+        row["name"] = names[int(row["label"])]
     return rows, metrics.field_summary(displacement, spacing)
 
 
@@ -638,7 +604,7 @@ def speed_benchmark(
     from ..data.phantom import make_phantom
     from ..data.synthesis import synthesize_pair
     from ..network import NetworkConfig, RegistrationNet
-    from ..pipeline import RegistrationSettings, register, register_prealigned, resolve_network
+    from ..pipeline import register, register_prealigned, resolve_network
 
     def report(fraction: float, message: str) -> None:
         if progress:
@@ -648,13 +614,13 @@ def speed_benchmark(
     phantom = make_phantom(num_vertebrae=5, shape=tuple(shape), curvature_deg=20.0, seed=seed)
     pair = synthesize_pair(phantom.ct, phantom.labels, seed=seed, tissues=phantom.tissues)
     if bundled_model_available():
-        network = resolve_network(RegistrationSettings(device=device), None)
+        network = resolve_network(make_settings(device=device), None)
         weights = "bundled model"
     else:
         network = RegistrationNet(NetworkConfig()).to(torch.device(device if device != "auto" else "cpu")).eval()
         weights = "untrained network of the default architecture (bundled model absent)"
     torch_device = next(network.parameters()).device
-    settings = RegistrationSettings(device=str(torch_device), refine_steps=0)
+    settings = make_settings(device=str(torch_device), refine_steps=0)
     landmarks = named_centroids(pair.fixed_labels)
     report(0.1, "speed: srr-register pipeline")
     register(

@@ -5,22 +5,13 @@ Schedule (as the paper's 500 epochs with fine-tuning from the 400-epoch mileston
 full length; every other row starts from the milestone with its own loss weights (the ``loss`` section of the shipped
 row config ``configs/<row>.yaml``; everything else comes from the baseline config) for the remaining steps.
 
-Writes ``OUT/<row>/`` (the run folders of :func:`..training.trainer.train`) and ``OUT/manifest.json``, which the
-benchmark reads::
-
-    {"format": "spinerigidreg-ablation", "version": 1, "base_config": "...", "milestone_step": N,
-     "identity": {validation figures of the initial alignment},
-     "rows": [{"name": "pc", "label": "PC", "loss": {...}, "checkpoint": "pc/best.pt", "config": "pc/config.yaml",
-               "best_step": S, "validation": {"dice": ..., "rigid_dice": ..., "abs_volume_change_percent": ...,
-               "folding_percent": ...}, "wall_time_s": T}, ...]}
-
-Paths in the manifest are relative to the manifest's folder.
+Writes ``OUT/<row>/`` (the run folders of :func:`..training.trainer.train`) and ``OUT/manifest.json``
+(:mod:`..training.manifest`, its one writer and reader), which ``srr-benchmark --manifest`` reads.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import sys
@@ -29,13 +20,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import InputError
+from ..training.manifest import MANIFEST_NAME, load_manifest, write_manifest
 from .common import add_common_arguments, run_command
 from .train import resolve_config
 
 log = logging.getLogger(__name__)
-
-MANIFEST_FORMAT = "spinerigidreg-ablation"
-MANIFEST_VERSION = 1
 
 #: Table 1 rows in the paper's order: config name -> label.
 TABLE1 = {
@@ -164,8 +153,6 @@ def run_ablation(
             }
         )
     manifest = {
-        "format": MANIFEST_FORMAT,
-        "version": MANIFEST_VERSION,
         "base_config": str(base_path),
         "milestone_step": milestone_step,
         "baseline_steps": total,
@@ -173,8 +160,8 @@ def run_ablation(
         "identity": identity,
         "rows": manifest_rows,
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-    return manifest
+    write_manifest(out, manifest)
+    return load_manifest(out / MANIFEST_NAME)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -198,7 +185,7 @@ def _run(args: argparse.Namespace) -> int:
             f"{row['label'].ljust(width)}  {v.get('dice', float('nan')):.3f}  {v.get('rigid_dice', float('nan')):.3f}"
             f"      {v.get('abs_volume_change_percent', float('nan')):.2f}"
         )
-    print(f"manifest: {args.out / 'manifest.json'}")
+    print(f"manifest: {args.out / MANIFEST_NAME}")
     return 0
 
 

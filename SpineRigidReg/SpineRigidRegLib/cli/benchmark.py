@@ -35,7 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="folder for the CSV files and figures")
     parser.add_argument("--markdown", type=Path, default=None, help="Markdown report (default: OUT/BENCHMARKS.md)")
     parser.add_argument("--elastix-iterations", type=int, default=250, help="elastix iterations per resolution")
-    parser.add_argument("--manifest", type=Path, help="ablation manifest: JSON list of {name, checkpoint}")
+    parser.add_argument(
+        "--manifest",
+        type=Path,
+        help="srr-ablation's manifest.json (or a JSON list of {name, checkpoint}): one network-only row per model",
+    )
     parser.add_argument("--refine-steps", type=int, default=20, help="refinement steps of the refined model row")
     parser.add_argument("--device", default="auto", help="device of the model rows: auto, cpu or cuda")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for elastix and torch (default: all)")

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..checkpoint import resources_dir
+from ..choices import DEFAULT_PRESET
 from ..errors import InputError
 from .common import add_common_arguments, check_output_folder, progress_bar, run_command
 
@@ -20,20 +21,6 @@ SAMPLE_FILES = {
     "fixed_landmarks": "mr_landmarks.mrk.json",
     "moving_landmarks": "ct_landmarks.mrk.json",
 }
-
-TABLE_COLUMNS = [
-    ("name", "vertebra", "{}"),
-    ("rigid_dice", "rigid DSC", "{:.3f}"),
-    ("volume_change_percent", "Δvol %", "{:+.2f}"),
-    ("pc", "PC", "{:.4f}"),
-    ("oc", "OC", "{:.4f}"),
-    ("folding_voxels", "|J|<=0", "{}"),
-    ("mean_displacement_mm", "disp mm", "{:.2f}"),
-    ("dice", "DSC", "{:.3f}"),
-    ("tre_mm", "TRE mm", "{:.2f}"),
-    ("mr_coverage_percent", "in MR %", "{:.0f}"),
-    ("mr_bone_percent", "on MR bone %", "{:.0f}"),
-]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,16 +55,32 @@ def build_parser() -> argparse.ArgumentParser:
         "between vertebrae",
     )
     inputs.add_argument("--sample", action="store_true", help="use the bundled sample case (Resources/SampleData)")
-    options = parser.add_argument_group("options")
-    options.add_argument("--out", type=Path, required=True, help="output folder (created)")
+    options = parser.add_argument_group("options (a preset, then a --config file, then the flags below)")
+    options.add_argument("--out", type=Path, help="output folder (created)")
+    options.add_argument(
+        "--preset",
+        default=DEFAULT_PRESET,
+        help=f"settings preset, a file of SpineRigidRegLib/presets (default {DEFAULT_PRESET}; --list-presets)",
+    )
+    options.add_argument(
+        "--config",
+        type=Path,
+        help="settings file (JSON or YAML, the presets' form: {'rigidity_scale': x, 'settings': {...}}) applied "
+        "after the preset",
+    )
+    options.add_argument("--list-presets", action="store_true", help="list the presets and exit")
     options.add_argument(
         "--vertebra-steps",
         type=int,
         default=None,
-        help="steps of the vertebra-wise rigid alignment after the network (default 30; 0 = network only)",
+        help="steps of the vertebra-wise rigid alignment after the network (default: the preset's, 30; 0 = network "
+        "only)",
     )
     options.add_argument(
-        "--refine-steps", type=int, default=None, help="dense test-time refinement steps after that (default 0)"
+        "--refine-steps",
+        type=int,
+        default=None,
+        help="dense test-time refinement steps after that (default: the preset's, 0)",
     )
     options.add_argument("--device", default="auto", help="auto (GPU when available), cpu or cuda")
     options.add_argument(
@@ -101,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_argument(
         "--rigidity",
         default=None,
-        help="refinement rigidity weights, e.g. 'rigid_field=0.04,pc=0.4,oc=0.2,rigid_dice=0' (the defaults)",
+        help="refinement rigidity weights replacing the preset's, e.g. 'rigid_field=0.04,pc=0.4,oc=0.2,rigid_dice=0' "
+        "(the defaults)",
     )
     options.add_argument(
         "--vertebra-weight",
@@ -114,31 +118,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_weights(text: str | None) -> dict[str, float]:
-    """``"a=1,b=0.5"`` -> ``{"a": 1.0, "b": 0.5}`` with a clear error for malformed items."""
-    weights: dict[str, float] = {}
-    for item in filter(None, (part.strip() for part in (text or "").split(","))):
-        key, sep, value = item.partition("=")
-        try:
-            weights[key.strip()] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep:
-            raise InputError(f"expected NAME=NUMBER, got {item!r}")
-    return weights
-
-
 def main(argv: list[str] | None = None) -> int:
     return run_command(build_parser(), _run, argv)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from .. import io
-    from ..pipeline import RefineWeights, RegistrationSettings, register, write_outputs
+    from ..choices import label_weights, make_settings, parse_assignments, update_settings
+    from ..data.vertebrae import label_names
+    from ..pipeline import register, write_outputs
 
+    if args.list_presets:
+        print(describe_presets())
+        return 0
+    if args.out is None:
+        raise InputError("--out is required")
     check_output_folder(args.out)  # before any compute: an unwritable --out must not fail after the registration
+    if args.model_sha256 and not args.model:
+        raise InputError("--model-sha256 needs --model")
+    if args.vertebra_steps is not None and args.vertebra_steps < 0:
+        raise InputError("--vertebra-steps must be >= 0")
+    settings = make_settings(  # before reading the images: a bad preset or config fails at once
+        args.preset,
+        args.config,
+        device=args.device,
+        model_path=args.model,
+        model_sha256=args.model_sha256,
+        refine_steps=args.refine_steps,
+        vertebra_steps=args.vertebra_steps,
+        rigidity=parse_assignments(args.rigidity),
+        mr_segmentation=False if args.no_mr_segmentation else None,
+        bone_prealign=True if args.prealign_from_bone else None,
+    )
     paths = _input_paths(args)
     fixed = io.read_image(paths["fixed"])
     moving = io.read_image(paths["moving"])
@@ -147,29 +158,12 @@ def _run(args: argparse.Namespace) -> int:
     fixed_landmarks = io.read_landmarks(paths["fixed_landmarks"]) if paths.get("fixed_landmarks") else None
     moving_landmarks = io.read_landmarks(paths["moving_landmarks"]) if paths.get("moving_landmarks") else None
     point_pairs = _point_pairs(*args.point_pairs) if args.point_pairs else None
-
-    if args.model_sha256 and not args.model:
-        raise InputError("--model-sha256 needs --model")
-    settings = RegistrationSettings(
-        device=args.device,
-        model_path=str(args.model) if args.model else None,
-        model_sha256=args.model_sha256,
-        mr_segmentation=not args.no_mr_segmentation,
-        bone_prealign=args.prealign_from_bone,
-    )
-    if args.refine_steps is not None:
-        settings = replace(settings, refine_steps=args.refine_steps)
-    if args.vertebra_steps is not None:
-        if args.vertebra_steps < 0:
-            raise InputError("--vertebra-steps must be >= 0")
-        settings = replace(settings, vertebra_rigid=replace(settings.vertebra_rigid, steps=args.vertebra_steps))
-    if args.rigidity:
-        try:
-            settings = replace(settings, refine_weights=replace(RefineWeights(), **parse_weights(args.rigidity)))
-        except TypeError as error:
-            raise InputError(f"unknown rigidity weight in {args.rigidity!r}") from error
     if args.vertebra_weight:
-        settings = replace(settings, vertebra_weights=_vertebra_weights(args.vertebra_weight, moving_labels))
+        try:
+            by_label = label_weights(parse_assignments(args.vertebra_weight), label_names(moving_labels))
+        except InputError as error:
+            raise InputError(f"--vertebra-weight: {error}") from None
+        settings = update_settings(settings, vertebra_weights=by_label)
 
     with progress_bar(not args.quiet) as progress:
         result = register(
@@ -236,30 +230,21 @@ def _input_paths(args: argparse.Namespace) -> dict[str, Path | None]:
     }
 
 
-def _vertebra_weights(items: list[str], labels) -> dict[int, float]:
-    import numpy as np
-    import SimpleITK as sitk
+def describe_presets() -> str:
+    """One line per shipped preset: its name and description."""
+    from ..choices import preset_names, read_preset
 
-    from ..data.vertebrae import detect_scheme, vertebra_name
-
-    values = [int(v) for v in np.unique(sitk.GetArrayViewFromImage(labels)) if v > 0]
-    scheme = detect_scheme(values)
-    by_name = {vertebra_name(v, scheme).upper(): v for v in values}
-    weights: dict[int, float] = {}
-    for key, weight in parse_weights(",".join(items)).items():
-        value = int(key) if key.isdigit() else by_name.get(key.upper())
-        if value is None or value not in values:
-            raise InputError(f"--vertebra-weight names {key!r}, which is not a vertebra of the CT label map")
-        weights[value] = weight
-    return weights
+    return "\n".join(f"{name}: {read_preset(name).get('description', '')}" for name in preset_names())
 
 
 def format_table(rows: list[dict]) -> str:
     """Per-vertebra metrics as an aligned text table (columns without data are left out)."""
-    columns = [c for c in TABLE_COLUMNS if any(row.get(c[0]) is not None for row in rows)]
-    cells = [[title for _, title, _ in columns]]
+    from ..metrics import present_columns
+
+    columns = [c for c in present_columns(rows) if c.short is not None]
+    cells = [[c.short for c in columns]]
     for row in rows:
-        cells.append([fmt.format(row[key]) if row.get(key) is not None else "-" for key, _, fmt in columns])
+        cells.append([c.fmt.format(row[c.key]) if row.get(c.key) is not None else "-" for c in columns])
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells)
 

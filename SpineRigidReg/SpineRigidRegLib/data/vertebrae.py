@@ -115,6 +115,21 @@ def detect_scheme(label_values: Iterable[int]) -> str:
     return VERSE
 
 
+def label_names(labels: sitk.Image | Iterable[int], scheme: str | None = None) -> dict[int, str]:
+    """Label value -> vertebra name of every non-zero label of a label map (or of the given values).
+
+    The numbering is ``scheme`` or, without it, :func:`detect_scheme`'s guess; a value that is not a vertebra of it is
+    named by its number. This is the one place where a label map's vertebrae get their names (pipeline tables,
+    command lines, benchmark, Slicer Logic).
+    """
+    if isinstance(labels, sitk.Image):
+        values = [int(v) for v in np.unique(sitk.GetArrayViewFromImage(labels)) if v > 0]
+    else:
+        values = sorted({int(v) for v in labels} - {0})
+    scheme = scheme or detect_scheme(values)
+    return {v: vertebra_name(v, scheme) if is_vertebra(v, scheme) else str(v) for v in values}
+
+
 def spine_order(values: Iterable[int], scheme: str) -> list[int]:
     """Sort vertebra label ids from cranial (C1) to caudal (coccyx).
 

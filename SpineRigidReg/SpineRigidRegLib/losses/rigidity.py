@@ -543,3 +543,6 @@ RIGIDITY_LOSSES = {
     "oc": orthonormality_loss,
     "volume": volume_loss,
 }
+#: The per-vertebra rigidity terms by name: the weight fields of ``LossConfig`` and ``RefineWeights``, what a preset's
+#: ``rigidity_scale`` multiplies (:mod:`..choices`).
+RIGIDITY_TERMS = tuple(RIGIDITY_LOSSES)

@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import os
-import subprocess
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -45,6 +44,7 @@ from ..losses.rigidity import rigidity_loss, vertebra_indicators
 from ..losses.similarity import SIMILARITY_LOSSES
 from ..losses.smoothness import diffusion_loss
 from ..network import NetworkConfig, RegistrationNet
+from ..system import git_commit
 from ..warp import warp, warp_labels
 from .config import PAIR_SOURCES as PAIR_SOURCE_NAMES
 from .config import LossConfig, TrainConfig
@@ -265,18 +265,6 @@ def learning_rate(config: TrainConfig, step: int) -> float:
         progress = min(max(step - optim.warmup_steps, 0) / span, 1.0)
         return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
     return peak
-
-
-def git_commit(folder: Path | None = None) -> str:
-    """The repository's HEAD commit (``"unknown"`` outside a git checkout)."""
-    folder = folder or Path(__file__).resolve().parent
-    try:
-        result = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=10, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return result.stdout.strip() or "unknown"
 
 
 class _Logs:
