@@ -254,3 +254,19 @@ def test_a_wide_field_of_view_is_segmented_on_a_bounded_grid(monkeypatch):
     probability = predict_bone(mr, network)
     assert np.prod(seen[0][2:]) <= 2 * 4000  # padding to the network's multiple may add a little
     assert Geometry.of(probability) == geometry
+
+
+def test_too_little_found_bone_is_said_and_measured_inside_the_mrs_view(caplog):
+    from SpineRigidRegLib.segmentation.stage import mr_bone_summary
+
+    warped = torch.zeros((1, 1, 4, 4, 10), dtype=torch.int64)
+    warped[..., :5] = 1
+    inside = torch.ones_like(warped, dtype=torch.bool)
+    inside[..., 4:] = False  # only 4 of the vertebra's 5 columns are in the MR's view
+    found = torch.zeros_like(inside)
+    found[..., :2] = True
+    assert mr_bone_summary(warped, found, inside)["mr_bone_found_ratio"] == pytest.approx(0.5)
+    assert "found little" not in caplog.text
+    found[..., 1] = False
+    assert mr_bone_summary(warped, found, inside)["mr_bone_found_ratio"] == pytest.approx(0.25)
+    assert "found little vertebral bone" in caplog.text

@@ -37,7 +37,7 @@ from .preprocess import field_of_view, normalize_intensity, resample_to_referenc
 from .refine import RefineWeights, refine_velocity
 from .rigid import fit_rigid
 from .segmentation.align import bone_prealignment
-from .segmentation.stage import add_mr_bone_agreement, segment_mr
+from .segmentation.stage import add_mr_bone_agreement, mr_bone_summary, segment_mr
 from .system import available_memory_bytes
 from .warp import integrate_velocity, resize_displacement, warp_labels
 
@@ -619,9 +619,11 @@ def register(
     for row in rows:
         row["name"] = names.get(int(row["label"]), str(row["label"]))
     _add_mr_coverage(rows, warped_labels_t, inside > 0)
+    bone_stats: dict = {}
     if mr_bone is not None:
         bone_t = image_to_tensor(resample_to_reference(mr_bone, grid, is_label=True)) > 0
         add_mr_bone_agreement(rows, warped_labels_t, bone_t)
+        bone_stats = mr_bone_summary(warped_labels_t, bone_t, inside > 0)
     if fixed_landmarks is not None and moving_landmarks is not None:
         _add_landmark_errors(rows, composite, fixed_landmarks, moving_landmarks)
     field_stats = metrics.field_summary(displacement, spacing, mask=inside > 0, jacobian=jac_matrix)
@@ -647,6 +649,7 @@ def register(
         "refine_steps": settings.refine_steps,
         "started_from": "network" if initial_velocity is None else "previous result",
         "vertebrae_outside_mr": [r["name"] for r in rows if r["mr_coverage_percent"] < MR_COVERAGE_WARN_PERCENT],
+        **bone_stats,
         "grid_shape": list(grid.shape),
         "grid_spacing_mm": list(grid.spacing),
     }

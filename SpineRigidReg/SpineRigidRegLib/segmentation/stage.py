@@ -53,3 +53,25 @@ def add_mr_bone_agreement(rows: list[dict], warped_labels: torch.Tensor, mr_bone
     on_bone = share_on_mask_percent(warped_labels, mr_bone)
     for row in rows:
         row["mr_bone_percent"] = on_bone.get(int(row["label"]), 0.0)
+
+
+#: Below this ratio of predicted MR bone to registered CT bone (inside the MR's view), the network found too little
+#: of the spine for its per-vertebra check to mean much, and the user is told so.
+MIN_FOUND_RATIO = 0.3
+
+
+def mr_bone_summary(warped_labels: torch.Tensor, mr_bone: torch.Tensor, inside_mr: torch.Tensor) -> dict:
+    """How much bone the network found against how much CT bone the registration put in the MR's view.
+
+    Returns:
+        ``{"mr_bone_found_ratio": float}``; a warning is logged when it is below :data:`MIN_FOUND_RATIO`.
+    """
+    ct_bone = float(((warped_labels > 0) & inside_mr).sum())
+    ratio = float((mr_bone & inside_mr).sum()) / ct_bone if ct_bone else 0.0
+    if ratio < MIN_FOUND_RATIO:
+        logger.warning(
+            "the segmentation network found little vertebral bone in this MR (%.0f %% of the registered CT "
+            "vertebrae's volume): its 'on MR bone' check says little here, judge the alignment by eye",
+            100 * ratio,
+        )
+    return {"mr_bone_found_ratio": ratio}
