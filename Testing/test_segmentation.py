@@ -270,3 +270,17 @@ def test_too_little_found_bone_is_said_and_measured_inside_the_mrs_view(caplog):
     found[..., 1] = False
     assert mr_bone_summary(warped, found, inside)["mr_bone_found_ratio"] == pytest.approx(0.25)
     assert "found little vertebral bone" in caplog.text
+
+
+def test_a_new_run_can_start_from_given_weights(tmp_path):
+    maps = [labelmaps.from_phantom(seed=2, spacing_mm=4.0)]
+    synth = SynthSettings(patch=(16, 16, 16), spacing_mm=4.0)
+    start = SegmentationNet(TINY_NET)
+    save_segmentation_checkpoint(tmp_path / "start.pt", start)
+    settings = SegTrainSettings(
+        steps=1, batch=1, eval_every=1, validation_images=1, network=TINY_NET, synth=synth, learning_rate=0.0
+    )
+    train_segmentation(tmp_path / "run", settings, label_maps=maps, init_from=tmp_path / "start.pt")
+    trained = load_segmentation_network(tmp_path / "run" / "last.pt")
+    for key, value in start.state_dict().items():
+        assert torch.equal(value, trained.state_dict()[key]), key  # learning rate 0: the given weights, unchanged

@@ -84,11 +84,12 @@ seg() {
         name=${variant%%:*} extra=${variant#*:}
         mkdir -p "$runs/$name"
         [[ -f .carry/seg/$name/last.pt ]] && cp .carry/seg/$name/last.pt "$runs/$name/"
+        # Without a carried state, start from SEG_INIT's weights (e.g. the bundled model) when given.
         # shellcheck disable=SC2086
         python3 -m SpineRigidRegLib.cli.train_segmentation --out "$runs/$name" --device "$device" \
             --real-data-dir .carry/data --max-minutes "$minutes" --decay-minutes "$minutes" --threads 4 \
             --batch "${SEG_BATCH:-8}" ${extra//,/ } \
-            ${SEG_ARGS:-} >"$runs/$name/train.log" 2>&1 &
+            ${SEG_INIT:+--init-from "$SEG_INIT"} ${SEG_ARGS:-} >"$runs/$name/train.log" 2>&1 &
         pids+=($!) names+=("$name")
     done
     local i status=0

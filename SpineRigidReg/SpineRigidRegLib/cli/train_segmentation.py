@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--patch", type=int, nargs=3, metavar=("S", "P", "L"), help="patch size (default 64 96 96)")
     parser.add_argument("--rotation-deg", type=float, help="largest random rotation per axis (default 15)")
     parser.add_argument("--seed", type=int, help="random seed (default 0)")
+    parser.add_argument(
+        "--init-from", type=Path, help="start a new run from these weights (e.g. Resources/Models/mr_vertebrae.pt)"
+    )
     export = parser.add_argument_group("shipping a trained model (instead of training)")
     export.add_argument("--export", type=Path, metavar="RUN", help="run folder whose last.pt becomes the model")
     export.add_argument("--to", type=Path, help="folder for mr_vertebrae.pt and mr_vertebrae.json")
@@ -134,7 +137,9 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     from ..segmentation.train import train_segmentation
 
-    figures = train_segmentation(args.out, settings_from(args), select_device(args.device), args.real_data_dir)
+    figures = train_segmentation(
+        args.out, settings_from(args), select_device(args.device), args.real_data_dir, init_from=args.init_from
+    )
     print(json.dumps(figures))
     return 0
 

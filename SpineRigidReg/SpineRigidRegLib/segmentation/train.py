@@ -23,7 +23,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import read_checkpoint
+from ..checkpoint import load_weights, read_checkpoint
 from ..io import read_image
 from .labelmaps import LabelMap, training_label_maps
 from .net import SEGMENTATION_FORMAT, SegmentationConfig, SegmentationNet
@@ -119,8 +119,12 @@ def train_segmentation(
     device: torch.device | str = "cpu",
     real_data_dir: str | Path | None = None,
     label_maps: list[LabelMap] | None = None,
+    init_from: str | Path | None = None,
 ) -> dict:
-    """Train (or resume from ``out/last.pt``) and return the last evaluation's figures."""
+    """Train (or resume from ``out/last.pt``) and return the last evaluation's figures.
+
+    ``init_from``: a segmentation checkpoint whose weights start a new run (fresh optimiser, step 0); ignored when
+    ``out/last.pt`` exists (a resume)."""
     out, device = Path(out), torch.device(device)
     out.mkdir(parents=True, exist_ok=True)
     real = Path(real_data_dir) if real_data_dir else None
@@ -130,6 +134,9 @@ def train_segmentation(
     network = SegmentationNet(settings.network).to(device)
     optimiser = torch.optim.AdamW(network.parameters(), lr=settings.learning_rate, weight_decay=1e-4)
     step, elapsed = _resume(out / "last.pt", network, optimiser)
+    if step == 0 and init_from is not None:
+        load_weights(network, read_checkpoint(init_from, expected_format=SEGMENTATION_FORMAT), init_from)
+        logger.info("weights from %s", init_from)
     validation = synthesize_batch(
         maps, settings.validation_images, settings.synth, torch.Generator().manual_seed(10**6 + settings.seed), device
     )
