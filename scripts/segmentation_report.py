@@ -82,14 +82,25 @@ def plot_curve(curve: Path, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, [float(r["synthetic_dice"]) for r in rows], label="synthetic validation images")
     ax.plot(steps, [float(r["real_mr_dice"]) for r in rows], label="real MR example (never trained on)")
-    gpu_end = max((int(r["step"]) for r in rows if float(r["minutes"]) <= 10.82), default=None)
-    if gpu_end:
-        ax.axvline(gpu_end, color="grey", linestyle=":", label="GPU lease ends, CPU continues")
+    extra = curve.parent / "cpu_continuations.csv"
+    if extra.is_file():
+        with open(extra, encoding="utf-8") as stream:
+            cpu = list(csv.DictReader(stream))
+        for run in sorted({r["run"] for r in cpu}):
+            mine = [r for r in cpu if r["run"] == run]
+            xs = [steps[-1]] + [int(r["step"]) for r in mine]
+            ax.plot(
+                xs,
+                [float(rows[-1]["real_mr_dice"])] + [float(r["real_mr_dice"]) for r in mine],
+                "--",
+                marker="o",
+                label=f"real MR, {run} (stopped)",
+            )
     ax.set_xlabel("training step")
     ax.set_ylabel("vertebral bone Dice")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 
@@ -100,7 +111,11 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=12)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "MR_SEGMENTATION.md")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the learning curve only")
     args = parser.parse_args()
+    if args.plot_only:
+        plot_curve(args.curve, args.out.parent / "mr_segmentation_curve.png")
+        return
     torch.set_num_threads(args.threads)
     network = load_bundled_segmentation()
     card = bundled_card()
