@@ -185,6 +185,12 @@ def _run(args: argparse.Namespace) -> int:
         f"{s.get('folding_voxels')} ({s.get('folding_voxels_in_vertebrae')} inside vertebrae, the |J|<=0 column);"
         f" SD log|J|: {s.get('sd_log_jacobian', float('nan')):.3f}"
     )
+    if "mr_vertebrae" in outputs:
+        print(
+            f"MR vertebrae found by the segmentation network: {outputs['mr_vertebrae']} (as much bone as "
+            f"{100 * s.get('mr_bone_found_ratio', 0.0):.0f} % of the registered CT vertebrae in the MR's view; "
+            "the 'on MR bone' column: each vertebra's share on it)"
+        )
     print("timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items()))
     print(
         f"outputs in {args.out}/ (QA picture: {outputs['qa']}; transform for Slicer/ITK: {outputs['transform']}; "
