@@ -27,6 +27,7 @@ from ..data.phantom import make_phantom
 from ..data.synthesis import MR_CONTRASTS, SynthesisSettings, SyntheticPair, synthesize_pair
 from ..errors import InputError
 from ..geometry import Geometry
+from ..preprocess import resample_to_reference
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,12 @@ class BenchmarkCase:
         fixed_labels: The labels after the true motion (what a perfect registration maps the CT labels onto).
         true_displacement: ``(1, 3, D, H, W)`` float32 voxels on the common grid.
         description: Anatomy and motion parameters, for the report.
+        grid: The evaluation grid of ``moving_labels``, ``fixed_labels`` and ``true_displacement`` when the fixed
+            image has a grid of its own (a clinical MR); ``None``: the fixed image's grid.
+        evaluated: Vertebra labels the metrics cover (``None``: all); a vertebra mostly outside the MR is left out.
+        fixed_points: MR vertebra centre points (name -> LPS mm) given to the methods that start from points;
+            ``None``: the centroids of ``fixed_labels``.
+        mr_truth: True MR vertebra mask on the fixed image's grid (for the segmentation's Dice), if known.
     """
 
     name: str
@@ -65,10 +72,21 @@ class BenchmarkCase:
     fixed_labels: sitk.Image
     true_displacement: torch.Tensor
     description: dict = field(default_factory=dict)
+    grid: Geometry | None = None
+    evaluated: tuple[int, ...] | None = None
+    fixed_points: dict[str, np.ndarray] | None = None
+    mr_truth: sitk.Image | None = None
 
     @property
     def geometry(self) -> Geometry:
-        return Geometry.of(self.fixed)
+        """The evaluation grid (see ``grid``)."""
+        return self.grid if self.grid is not None else Geometry.of(self.fixed)
+
+    def fixed_on_grid(self) -> sitk.Image:
+        """The fixed image on the evaluation grid (itself when it has no grid of its own)."""
+        if self.grid is None:
+            return self.fixed
+        return resample_to_reference(self.fixed, self.grid)
 
     @classmethod
     def from_pair(cls, name: str, source: str, seed: int, pair: SyntheticPair, description: dict) -> BenchmarkCase:

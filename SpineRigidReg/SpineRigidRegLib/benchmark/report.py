@@ -35,6 +35,8 @@ RUN_JSON = "run.json"
 SPEED_JSON = "speed.json"
 BOXPLOTS = "boxplots.png"
 PANELS_PNG = "panels.png"
+#: The tiers' report (``srr-benchmark --tiers``), linked from the Table-1 report when it lies beside it.
+TIERS_MARKDOWN = "BENCHMARKS_TIERS.md"
 
 # (column, title, source table, format, lower-is-better note)
 TABLE_COLUMNS = (
@@ -349,6 +351,12 @@ def render_markdown(out_dir: str | os.PathLike, markdown_path: str | os.PathLike
         "the true fixed labels are known. All methods run on the same pairs in the same run.",
         "",
     ]
+    if (md_path.parent / TIERS_MARKDOWN).is_file():
+        lines += [
+            f"Pairs that look like the clinic (a real MR, clinical 2D acquisitions, the capture range): "
+            f"[{TIERS_MARKDOWN}]({TIERS_MARKDOWN}).",
+            "",
+        ]
     if run.case_rows:
         lines += _results_section(run, meta, rel)
     if speed:

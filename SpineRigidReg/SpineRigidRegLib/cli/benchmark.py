@@ -69,6 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="input crop of the speed measurement (array order, 1 mm)",
     )
     parser.add_argument("--memory-grid", type=int, default=256, help="cubic grid of the memory measurement (0: skip)")
+    parser.add_argument(
+        "--tiers",
+        nargs="+",
+        choices=("real-mr", "clinical", "capture"),
+        default=None,
+        help="run the clinic-like tiers instead of Table 1 (issue 15): real MR, clinical acquisition, capture range",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="with --tiers: a tiny subset (one small phantom case, capture scales 0.5-2, four rows; CI's smoke test)",
+    )
+    parser.add_argument(
+        "--capture-iterations", type=int, default=100, help="elastix iterations per resolution in the capture tier"
+    )
     add_common_arguments(parser)
     return parser
 
@@ -102,6 +117,9 @@ def _run(args: argparse.Namespace) -> int:
     check_output_folder(args.out)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+
+    if args.tiers:
+        return _run_tiers(args)
 
     if args.speed:
         elastix = ElastixSettings(rigidity_penalty=True, iterations=args.elastix_iterations, threads=args.threads)
@@ -214,6 +232,156 @@ def _run(args: argparse.Namespace) -> int:
     paths = report.write_report(run, args.out, markdown, meta)
     print(report.markdown_table(report.summary_table(run)))
     print(f"\nreport: {paths['markdown']}; per-vertebra CSV: {paths['per_vertebra']}; figures in {args.out}/")
+    return 0
+
+
+def _run_tiers(args: argparse.Namespace) -> int:
+    """The clinic-like tiers (:mod:`..benchmark.tiers`): every row on the same pairs, one report."""
+    import torch
+
+    from ..benchmark import report, tiers
+    from ..benchmark.cases import real_data_available
+    from ..data.real_mr import real_mr_available
+
+    started = time.perf_counter()
+    markdown = args.markdown or args.out / "BENCHMARKS_TIERS.md"
+    notes: list[str] = []
+    have_ct = real_data_available(args.shared_data) and not args.no_real_data
+    have_mr = real_mr_available(args.shared_data) and not args.no_real_data
+    quick = bool(args.quick or args.tiny)
+    iterations = 3 if quick else args.elastix_iterations
+    capture_iterations = 3 if quick else args.capture_iterations
+    methods = tiers.tier_methods(iterations, args.threads)
+    capture_methods = tiers.tier_methods(capture_iterations, args.threads)
+    if quick:  # the smoke test: one row of each kind, tiny phantom cases, no real-MR tier
+        keep = {tiers.NO_REGISTRATION, tiers.INITIAL_POINTS, tiers.STARING_POINTS, tiers.DEFAULT}
+        methods = capture_methods = [m for m in methods if m.name in keep]
+        if "real-mr" in args.tiers:
+            notes.append("--quick: the real-MR tier is left out (its 1 mm grid takes minutes per model row)")
+            args.tiers = [t for t in args.tiers if t != "real-mr"]
+    if not any(m.kind == "model" for m in methods):
+        notes.append("model rows skipped: Resources/Models/default.json does not exist")
+    clinical_count, real_count, capture_count = (1, 1, 1) if quick else (3, 2, 2)
+    scales = (0.5, 1.0, 2.0) if quick else tiers.CAPTURE_SCALES
+    tiny_clinical = quick or not have_ct
+    if not have_ct and not quick:
+        notes.append(f"the real CT is absent ({args.shared_data}): the clinical tiers use a small phantom")
+    seed = args.seed
+    cases_meta: list[dict] = []
+    runs: dict[str, object] = {}
+    dice: dict[str, dict[str, float]] = {}
+    realism_inputs = []
+
+    def describe_cases(tier: str, cases) -> None:
+        for case in cases:
+            d = case.description
+            cases_meta.append(
+                {
+                    "tier": tier,
+                    "name": case.name,
+                    "seed": case.seed,
+                    "motion_scale": d.get("motion_scale"),
+                    "mr": d.get("mr"),
+                    "evaluated": len(case.evaluated or ()),
+                }
+            )
+
+    with progress_bar(not args.quiet) as progress:
+        if "real-mr" in args.tiers:
+            if not have_mr:
+                notes.append(f"real-MR tier skipped: {args.shared_data} does not hold the TotalSegmentator MR example")
+            else:
+                progress(0.0, "real-MR tier: building cases")
+                cases = [tiers.real_mr_case(i, seed + 3000 + i, args.shared_data) for i in range(real_count)]
+                describe_cases(tiers.REAL_MR, cases)
+                runs[tiers.REAL_MR] = tiers.run_tier(
+                    cases, methods, args.device, lambda f, m: progress(0.02 + 0.2 * f, f"real MR: {m}")
+                )
+                dice[tiers.REAL_MR] = tiers.segmentation_dice(cases, args.device)
+        clinical_cases = []
+        if "clinical" in args.tiers or "capture" in args.tiers:
+            progress(0.25, "clinical tier: building cases")
+            count = clinical_count if "clinical" in args.tiers else capture_count
+            clinical_cases = [
+                tiers.clinical_case(i, seed + 4000 + i, args.shared_data, tiny=tiny_clinical) for i in range(count)
+            ]
+            realism_inputs = [
+                (
+                    f"synthetic {c.description['mr'].split(',')[0]} ({c.name})",
+                    c.fixed,
+                    c.fixed_labels,
+                    c.description["fixed_tissues"],
+                )
+                for c in clinical_cases
+            ]
+            describe_cases(tiers.CLINICAL, clinical_cases)
+            if "clinical" in args.tiers:
+                runs[tiers.CLINICAL] = tiers.run_tier(
+                    clinical_cases, methods, args.device, lambda f, m: progress(0.27 + 0.25 * f, f"clinical: {m}")
+                )
+                dice[tiers.CLINICAL] = tiers.segmentation_dice(clinical_cases, args.device)
+        if "capture" in args.tiers:
+            progress(0.55, "capture tier: building cases")
+            capture_cases = [
+                tiers.clinical_case(i, seed + 4000 + i, args.shared_data, scale=s, tiny=tiny_clinical)
+                for i in range(capture_count)
+                for s in scales
+                if s != 1.0 or tiers.CLINICAL not in runs
+            ]
+            describe_cases(tiers.CAPTURE, capture_cases)
+            run = tiers.run_tier(
+                capture_cases, capture_methods, args.device, lambda f, m: progress(0.57 + 0.43 * f, f"capture: {m}")
+            )
+            if tiers.CLINICAL in runs and 1.0 in scales:  # scale 1 is the clinical tier's run of the same cases
+                names = {c.name for c in clinical_cases[:capture_count]}
+                clinical_run = runs[tiers.CLINICAL]
+                if capture_iterations != iterations:
+                    notes.append(
+                        f"capture range at x1 reuses the clinical tier's results (Staring with {iterations} "
+                        f"iterations per resolution; {capture_iterations} at the other scales)"
+                    )
+                run.case_rows += [r for r in clinical_run.case_rows if r["case"] in names]
+                run.vertebra_rows += [r for r in clinical_run.vertebra_rows if r["case"] in names]
+                for c in cases_meta:
+                    if c["tier"] == tiers.CLINICAL and c["name"] in names:
+                        cases_meta.append({**c, "tier": tiers.CAPTURE})
+            runs[tiers.CAPTURE] = run
+            tiers.plot_capture(run.case_rows, args.out / tiers.CAPTURE_PNG)
+
+    realism = []
+    if have_mr and realism_inputs and not quick:
+        from ..benchmark.cases import CaseSpec, build_case
+
+        old = build_case(CaseSpec("real", 0, seed + 1000, "t1"), args.shared_data)
+        from ..data.subjects import load_real_case
+
+        tissues = load_real_case(args.shared_data, spacing=1.0, margin_mm=15.0).tissues
+        # today's pair: the MR shows the CT's tissues moved by the true field (warped by position is close enough
+        # for per-tissue statistics at 3 mm)
+        realism_inputs.append(("Table-1 MR (flat classes, real-00)", old.fixed, old.fixed_labels, tissues))
+        realism = tiers.realism_check(args.shared_data, realism_inputs)
+    for tier, run in runs.items():
+        report.write_results(run, args.out / tier)
+        report.plot_panels(run, args.out / tier / report.PANELS_PNG, case_name=run.case_rows[0]["case"])
+    meta = {
+        "command": report.command_line(),
+        "machine": report.machine_info(),
+        "wall_time_s": time.perf_counter() - started,
+        "tiers": [t for t in tiers.TIERS if t in runs],
+        "notes": notes + [n for run in runs.values() for n in run.notes],
+        "cases": cases_meta,
+        "segmentation_dice": dice,
+        "realism": realism,
+        "elastix_iterations": iterations,
+        "capture_iterations": capture_iterations,
+        "threads": args.threads or torch.get_num_threads(),
+        "quick": quick,
+    }
+    report.write_json(meta, args.out / "tiers.json")
+    path = tiers.render_tier_report(args.out, markdown)
+    for tier, run in runs.items():
+        print(f"{tier}:\n{tiers.success_table(run.case_rows)}\n")
+    print(f"report: {path}; figures in {args.out}/")
     return 0
 
 
