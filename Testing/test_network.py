@@ -120,6 +120,23 @@ def test_labels_enter_only_as_a_binary_mask_and_are_optional_when_configured():
         assert no_labels(fixed, moving).displacement.shape == (1, 3, 16, 16, 16)
 
 
+@pytest.mark.parametrize("input_resolution", ["full", "half"])
+def test_a_label_guided_network_reads_the_fixed_bone_and_refuses_to_run_without_it(input_resolution):
+    net = RegistrationNet(NetworkConfig(use_fixed_bone=True, input_resolution=input_resolution, **SMALL))
+    assert net.encoder[0][0].in_channels == 4
+    fixed, moving, labels = inputs((32, 32, 32))
+    bone = (labels > 0).float()
+    with torch.no_grad():
+        torch.nn.init.normal_(net.velocity_head.weight, std=0.1)  # a trained head: the input must reach the output
+        a = net(fixed, moving, labels, bone).velocity
+        b = net(fixed, moving, labels, torch.zeros_like(bone)).velocity
+    assert not torch.allclose(a, b)
+    with pytest.raises(InputError, match="bone probability"):
+        net(fixed, moving, labels)
+    with pytest.raises(InputError, match="fixed bone probability"):
+        net(fixed, moving, labels, bone[:, :, :16])
+
+
 @pytest.mark.parametrize(
     "case, message",
     [

@@ -375,3 +375,32 @@ def test_mr_vertebrae_are_predicted_written_and_checked_per_vertebra(phantom, ne
     assert result.mr_vertebrae is None and "mr_bone_percent" not in result.vertebrae[0]
     pipeline.write_outputs(result, tmp_path / "off")
     assert not (tmp_path / "off" / "mr_vertebrae_predicted.nii.gz").exists()
+
+
+class _Spy(RegistrationNet):
+    """A label-guided network that records the bone input it was given."""
+
+    def forward(self, fixed, moving, moving_labels=None, fixed_bone=None):
+        self.seen_bone = fixed_bone
+        self.seen_labels = moving_labels
+        return super().forward(fixed, moving, moving_labels, fixed_bone)
+
+
+def test_a_label_guided_network_gets_the_predicted_mr_bone_on_its_grid(phantom, monkeypatch):
+    """The predicted bone reaches the network resampled onto the processing grid, also with the MR segmentation
+    output turned off; without a segmentation model it gets an empty input (the one it was trained to ignore)."""
+    mr = sitk.Cast(phantom.ct, sitk.sitkFloat32)
+    known = sitk.Cast(phantom.labels > 0, sitk.sitkFloat32)
+    monkeypatch.setattr(pipeline, "predict_mr_bone", lambda fixed, device: known)
+    torch.manual_seed(0)
+    spy = _Spy(replace(TINY, use_fixed_bone=True)).eval()
+    off = replace(FAST, mr_segmentation=False)
+    result = pipeline.register(mr, phantom.ct, phantom.labels, settings=off, network=spy)
+    assert result.mr_vertebrae is None  # the output stays off; the network still gets its input
+    assert spy.seen_bone.shape == spy.seen_labels.shape
+    # The MR here is the CT itself, pre-aligned by the identity: the bone input lies on the CT vertebrae.
+    bone, vertebrae = spy.seen_bone > 0.5, spy.seen_labels > 0
+    assert 2 * float((bone & vertebrae).sum()) / float(bone.sum() + vertebrae.sum()) > 0.95
+    monkeypatch.setattr(pipeline, "predict_mr_bone", lambda fixed, device: None)
+    pipeline.register(mr, phantom.ct, phantom.labels, settings=off, network=spy)
+    assert float(spy.seen_bone.abs().max()) == 0.0

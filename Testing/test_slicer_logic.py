@@ -343,7 +343,7 @@ def _known_mr_vertebrae(fixed: sitk.Image, device) -> sitk.Image:
 def test_run_creates_outputs_whose_transform_matches_the_core_and_leaves_inputs_unchanged(
     scene_case, network, monkeypatch
 ):
-    monkeypatch.setattr("SpineRigidRegLib.pipeline.segment_mr", _known_mr_vertebrae)
+    monkeypatch.setattr("SpineRigidRegLib.pipeline.predict_mr_bone", _known_mr_vertebrae)
     scene, ct, segmentation, mr, ct_centres, mr_centres = scene_case
     inputs = [ct, segmentation, mr, ct_centres, mr_centres]
     before = [snapshot(n) for n in inputs]

@@ -592,7 +592,7 @@ def bundled_scores(bundled) -> dict[str, float]:
     """Mean per-vertebra DSC / rigid DSC of the bundled model on two 64^3 phantom pairs (1 mm, pre-aligned as the
     pipeline pre-aligns): initial alignment, network alone, and the pipeline's default (network + vertebra-wise
     rigid alignment)."""
-    from SpineRigidRegLib.pipeline import RegistrationSettings, register_prealigned
+    from SpineRigidRegLib.pipeline import ProcessingPair, RegistrationSettings, register_prealigned
 
     _, network = bundled
     torch.set_num_threads(1)
@@ -611,10 +611,7 @@ def bundled_scores(bundled) -> dict[str, float]:
         with torch.inference_mode():
             net_field = network(pair.fixed, pair.moving, pair.moving_labels).displacement
         field, _, _ = register_prealigned(
-            pair.fixed,
-            pair.moving,
-            pair.moving_labels,
-            (1.0, 1.0, 1.0),
+            ProcessingPair(pair.fixed, pair.moving, pair.moving_labels, (1.0, 1.0, 1.0)),
             network,
             RegistrationSettings(device="cpu"),
         )

@@ -33,7 +33,9 @@ class NetworkConfig:
         encoder_channels: Filters per encoder level; each level halves the resolution.
         decoder_channels: Filters per decoder level; same count as the encoder.
         final_channels: Filters of the convolutions between the decoder and the velocity layer.
-        use_moving_labels: Feed the moving image's vertebra mask as a third input channel.
+        use_moving_labels: Feed the moving image's vertebra mask as an input channel.
+        use_fixed_bone: Feed a vertebral-bone probability of the fixed image (the MR segmentation network's output,
+            :mod:`.segmentation`) as an input channel: registration becomes largely label to label (issue 19).
         velocity_resolution: ``"full"`` or ``"half"`` of the UNet's grid: where the velocity is predicted and
             integrated.
         input_resolution: ``"full"`` or ``"half"``: the UNet's grid relative to the input images.
@@ -44,6 +46,7 @@ class NetworkConfig:
     decoder_channels: tuple[int, ...] = (64, 64, 64, 64)
     final_channels: tuple[int, ...] = (32, 32)
     use_moving_labels: bool = True
+    use_fixed_bone: bool = False
     velocity_resolution: str = "half"
     integration_steps: int = DEFAULT_INTEGRATION_STEPS
     input_resolution: str = "full"
@@ -62,7 +65,7 @@ class NetworkConfig:
 
     @property
     def in_channels(self) -> int:
-        return 3 if self.use_moving_labels else 2
+        return 2 + int(self.use_moving_labels) + int(self.use_fixed_bone)
 
     @property
     def required_multiple(self) -> int:
@@ -112,7 +115,8 @@ class RegistrationNet(nn.Module):
 
     Inputs are the fixed (MR) and moving (CT) images, each ``(B, 1, D, H, W)`` normalised to [0, 1], and, when
     ``config.use_moving_labels``, the moving image's vertebra label map ``(B, 1, D, H, W)`` (any integers; it
-    enters as a binary bone mask). ``D, H, W`` must be multiples of ``config.required_multiple``.
+    enters as a binary bone mask) and, when ``config.use_fixed_bone``, the fixed image's bone probability
+    ``(B, 1, D, H, W)`` in [0, 1]. ``D, H, W`` must be multiples of ``config.required_multiple``.
     """
 
     def __init__(self, config: NetworkConfig | None = None) -> None:
@@ -138,9 +142,13 @@ class RegistrationNet(nn.Module):
         nn.init.zeros_(self.velocity_head.bias)
 
     def forward(
-        self, fixed: torch.Tensor, moving: torch.Tensor, moving_labels: torch.Tensor | None = None
+        self,
+        fixed: torch.Tensor,
+        moving: torch.Tensor,
+        moving_labels: torch.Tensor | None = None,
+        fixed_bone: torch.Tensor | None = None,
     ) -> RegistrationOutput:
-        x = self._inputs(fixed, moving, moving_labels)
+        x = self._inputs(fixed, moving, moving_labels, fixed_bone)
         skips = []
         for block in self.encoder:
             x = block(x)
@@ -156,7 +164,13 @@ class RegistrationNet(nn.Module):
         displacement = resize_displacement(displacement, fixed.shape[2:])
         return RegistrationOutput(displacement=displacement, velocity=velocity)
 
-    def _inputs(self, fixed: torch.Tensor, moving: torch.Tensor, moving_labels: torch.Tensor | None) -> torch.Tensor:
+    def _inputs(
+        self,
+        fixed: torch.Tensor,
+        moving: torch.Tensor,
+        moving_labels: torch.Tensor | None,
+        fixed_bone: torch.Tensor | None,
+    ) -> torch.Tensor:
         check_tensor(fixed, "fixed image", ndim=5, channels=1, floating=True)
         check_tensor(moving, "moving image", ndim=5, channels=1, floating=True)
         check_same_spatial_shape(fixed, moving, "fixed image", "moving image")
@@ -176,6 +190,12 @@ class RegistrationNet(nn.Module):
             mask = (moving_labels > 0).to(fixed.dtype)
             # Halved, the mask stays binary (majority of the 8 voxels), as a label map resampled to 2 mm would be.
             parts.append((F.avg_pool3d(mask, 2) >= 0.5).to(fixed.dtype) if half else mask)
+        if self.config.use_fixed_bone:
+            if fixed_bone is None:
+                raise InputError("this model needs the fixed image's bone probability as input")
+            check_tensor(fixed_bone, "fixed bone probability", ndim=5, channels=1, floating=True)
+            check_same_spatial_shape(fixed, fixed_bone, "fixed image", "fixed bone probability")
+            parts.append(F.avg_pool3d(fixed_bone, 2) if half else fixed_bone)
         return torch.cat(parts, dim=1)
 
 

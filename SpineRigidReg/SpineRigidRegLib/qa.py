@@ -15,7 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 
 if TYPE_CHECKING:
-    from .pipeline import RegistrationResult
+    from .result import RegistrationResult
 
 #: Image axes of each panel in LPS: ``(u, v)`` = the direction of increasing column (left to right on screen) and of
 #: increasing row (top to bottom). Axial: patient's right on the left, anterior at the top (radiological);

@@ -8,51 +8,35 @@ are evaluated on the velocity's own grid (half resolution for the fast models), 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 
-from .errors import CancelledError, InputError
-from .losses.rigidity import RIGIDITY_TERMS, rigidity_loss
+from .errors import CancelledError
+from .losses.objective import Eq1Weights, eq1_loss
 from .losses.similarity import SIMILARITY_LOSSES, mind_ssc
-from .losses.smoothness import diffusion_loss
 from .warp import integrate_velocity, overlap_mask, sample_at, to_grid, warp
 
 
 @dataclass(frozen=True)
-class RefineWeights:
-    """Weights of the refinement loss (eq. 1 + point pairs); rigidity terms use millimetre units.
+class RefineWeights(Eq1Weights):
+    """Weights of the refinement loss: eq. (1) (:class:`.losses.objective.Eq1Weights`) + point pairs; rigidity terms
+    use millimetre units.
 
     Attributes:
-        similarity: ``"mind"``, ``"nmi"`` or ``"ngf"``.
-        similarity_weight: Weight of the similarity term.
-        smooth: Diffusion regularisation of the velocity (the paper's lambda = 0.01).
-        rigid_field, pc, oc, rigid_dice, volume: Per-vertebra rigidity penalties (0 = off).
         points: Weight of the mean squared distance (mm^2) between mapped and target points.
         learning_rate: Adam step size, in voxels of the velocity grid.
     """
 
-    similarity: str = "mind"
-    similarity_weight: float = 1.0
-    smooth: float = 0.01
     # Four times the paper's training weights: after the vertebra-wise rigid stage the dense steps should bend soft
     # tissue, not bone (7 benchmark pairs, 20 steps: DSC 0.966 / rigid DSC 0.991 / |%dvol| 0.37 / TRE 0.42 mm vs
     # 0.957 / 0.979 / 1.36 / 0.47 with the paper's weights; NMI instead of MIND 0.963 / 0.977 / 0.66 / 0.42).
     rigid_field: float = 0.04
     pc: float = 0.4
     oc: float = 0.2
-    rigid_dice: float = 0.0
-    volume: float = 0.0
     points: float = 0.05
     learning_rate: float = 0.05
-
-    def __post_init__(self) -> None:
-        if self.similarity not in SIMILARITY_LOSSES:
-            raise InputError(f"unknown similarity {self.similarity!r}; choose from {sorted(SIMILARITY_LOSSES)}")
-        for name, value in asdict(self).items():
-            if name != "similarity" and (not isinstance(value, (int, float)) or value < 0):
-                raise InputError(f"refinement weight {name} must be a non-negative number, got {value!r}")
 
 
 def refine_velocity(
@@ -104,7 +88,6 @@ def refine_velocity(
     similarity = SIMILARITY_LOSSES[weights.similarity]
     if weights.similarity == "mind":  # the fixed image's descriptor is the same at every step
         similarity = partial(similarity, fixed_descriptor=mind_ssc(fixed_g))
-    rigidity = {name: getattr(weights, name) for name in RIGIDITY_TERMS if getattr(weights, name) > 0}
     if point_pairs is not None:
         scale = torch.tensor(ratio, dtype=torch.float32, device=velocity.device)
         sources = (point_pairs[0].float() / scale).T.reshape(1, 3, -1, 1, 1)
@@ -120,16 +103,18 @@ def refine_velocity(
         # Border padding: zero padding would put an artificial edge into the warped image that MIND latches onto.
         warped = warp(moving_g, displacement, padding_mode="border")
         mask = overlap_mask(fixed_mask_g, moving_mask_g, displacement)
-        loss = weights.similarity_weight * similarity(fixed_g, warped, mask=mask)
-        if mask is not None:
-            # The regularisers are means over the whole grid: scaled by the overlap, the similarity keeps the weight
-            # per compared voxel it was tuned with (a mean over the overlap alone made the bone shrink 2-4 % more).
-            loss = loss * mask.mean()
-        loss = loss + weights.smooth * diffusion_loss(v)
-        if rigidity:
-            loss = loss + rigidity_loss(
-                labels_g, displacement, rigidity, spacing=grid_spacing, vertebra_weights=vertebra_weights
-            )
+        loss, _ = eq1_loss(
+            weights,
+            fixed_g,
+            warped,
+            v,
+            displacement,
+            labels_g,
+            grid_spacing,
+            mask=mask,
+            similarity=similarity,
+            vertebra_weights=vertebra_weights,
+        )
         if point_pairs is not None and weights.points > 0:
             mapped = sources + sample_at(displacement, sources, padding_mode="border")
             mapped_mm = (mapped.reshape(3, -1).T * scale) * torch.tensor(spacing, device=v.device)

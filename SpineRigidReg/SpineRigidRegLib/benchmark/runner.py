@@ -624,7 +624,7 @@ def speed_benchmark(
     from ..data.phantom import make_phantom
     from ..data.synthesis import synthesize_pair
     from ..network import NetworkConfig, RegistrationNet
-    from ..pipeline import register, register_prealigned, resolve_network
+    from ..pipeline import ProcessingPair, register, register_prealigned, resolve_network
 
     def report(fraction: float, message: str) -> None:
         if progress:
@@ -690,7 +690,7 @@ def speed_benchmark(
             labels[:, :, 40 + 45 * index : 70 + 45 * index, 100:150, 100:150] = 20 + index
         with PeakMemory(torch_device) as memory:
             start = time.perf_counter()
-            register_prealigned(fixed, moving, labels, (1.0, 1.0, 1.0), network, settings)
+            register_prealigned(ProcessingPair(fixed, moving, labels, (1.0, 1.0, 1.0)), network, settings)
             seconds = time.perf_counter() - start
         out["grid_memory"] = {
             "grid": [n, n, n],

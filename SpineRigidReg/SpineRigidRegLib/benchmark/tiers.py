@@ -75,11 +75,20 @@ STARING_POINTS = "Staring (elastix + rigidity penalty), MR points"
 NETWORK_POINTS = "ours: network alone, MR points"
 DEFAULT_POINTS = "ours: default, MR points"
 DEFAULT = "ours: default (no points)"
+NETWORK = "ours: network path (no points)"
 BONE = "ours: bone-guided pre-alignment (no points)"
+CANDIDATE = "candidate model"
 
 
-def tier_methods(elastix_iterations: int = 250, threads: int | None = None, models: bool = True) -> list[Method]:
-    """The rows of every tier (model rows only with the bundled model)."""
+def tier_methods(
+    elastix_iterations: int = 250, threads: int | None = None, models: bool = True, candidate: str | None = None
+) -> list[Method]:
+    """The rows of every tier (model rows only with the bundled model).
+
+    The *network path* is everything but the vertebra-wise rigid stage and the dense refinement, without points:
+    the automatic pre-alignment and the network (issue 19 measures a network by it). ``candidate``, an exported
+    model (``srr-train --export``), adds its network path and default rows beside the bundled model's.
+    """
     from ..baselines.elastix import ElastixSettings
 
     staring = ElastixSettings(rigidity_penalty=True, iterations=elastix_iterations, threads=threads)
@@ -93,7 +102,19 @@ def tier_methods(elastix_iterations: int = 250, threads: int | None = None, mode
             Method(NETWORK_POINTS, KIND_MODEL, vertebra_rigid_steps=0),
             Method(DEFAULT_POINTS, KIND_MODEL),
             Method(DEFAULT, KIND_MODEL, landmarks=False),
+            Method(NETWORK, KIND_MODEL, landmarks=False, vertebra_rigid_steps=0),
             Method(BONE, KIND_MODEL, landmarks=False, bone_prealign=True),
+        ]
+    if models and candidate:
+        methods += [
+            Method(
+                f"{CANDIDATE}: {NETWORK.removeprefix('ours: ')}",
+                KIND_MODEL,
+                checkpoint=candidate,
+                landmarks=False,
+                vertebra_rigid_steps=0,
+            ),
+            Method(f"{CANDIDATE}: {DEFAULT.removeprefix('ours: ')}", KIND_MODEL, checkpoint=candidate, landmarks=False),
         ]
     return methods
 

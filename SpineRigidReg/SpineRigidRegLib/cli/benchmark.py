@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--capture-iterations", type=int, default=100, help="elastix iterations per resolution in the capture tier"
     )
+    parser.add_argument(
+        "--candidate-model",
+        type=Path,
+        default=None,
+        help="with --tiers: an exported model (srr-train --export) whose network path and default rows are added",
+    )
     add_common_arguments(parser)
     return parser
 
@@ -251,10 +257,14 @@ def _run_tiers(args: argparse.Namespace) -> int:
     quick = bool(args.quick or args.tiny)
     iterations = 3 if quick else args.elastix_iterations
     capture_iterations = 3 if quick else args.capture_iterations
-    methods = tiers.tier_methods(iterations, args.threads)
-    capture_methods = tiers.tier_methods(capture_iterations, args.threads)
+    candidate = str(args.candidate_model) if args.candidate_model else None
+    if candidate and not Path(candidate).is_file():
+        raise InputError(f"--candidate-model {candidate} does not exist")
+    methods = tiers.tier_methods(iterations, args.threads, candidate=candidate)
+    capture_methods = tiers.tier_methods(capture_iterations, args.threads, candidate=candidate)
     if quick:  # the smoke test: one row of each kind, tiny phantom cases, no real-MR tier
         keep = {tiers.NO_REGISTRATION, tiers.INITIAL_POINTS, tiers.STARING_POINTS, tiers.DEFAULT}
+        keep |= {m.name for m in methods if m.checkpoint}
         methods = capture_methods = [m for m in methods if m.name in keep]
         if "real-mr" in args.tiers:
             notes.append("--quick: the real-MR tier is left out (its 1 mm grid takes minutes per model row)")

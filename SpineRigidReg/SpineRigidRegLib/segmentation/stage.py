@@ -16,7 +16,7 @@ import torch
 
 from ..errors import InputError
 from ..metrics import share_on_mask_percent
-from .predict import BONE_THRESHOLD, bundled_card, load_bundled_segmentation, predict_bone
+from .predict import bundled_card, load_bundled_segmentation, predict_bone
 
 logger = logging.getLogger(__name__)
 
@@ -26,9 +26,9 @@ def _bundled(device: str):
     return load_bundled_segmentation(device)
 
 
-def segment_mr(fixed: sitk.Image, device: torch.device | str = "cpu") -> sitk.Image | None:
-    """uint8 vertebral-bone mask on ``fixed``'s grid from the bundled network, or ``None`` when this installation
-    has no segmentation model (logged)."""
+def predict_mr_bone(fixed: sitk.Image, device: torch.device | str = "cpu") -> sitk.Image | None:
+    """float32 vertebral-bone probability on ``fixed``'s grid from the bundled network (bone where it exceeds
+    :data:`BONE_THRESHOLD`), or ``None`` when this installation has no segmentation model (logged)."""
     if bundled_card() is None:
         logger.info("no bundled MR segmentation model: the MR vertebrae are not predicted")
         return None
@@ -37,8 +37,7 @@ def segment_mr(fixed: sitk.Image, device: torch.device | str = "cpu") -> sitk.Im
     except InputError as error:
         logger.warning("MR segmentation skipped: %s", error)
         return None
-    probability = predict_bone(fixed, network, device)
-    return sitk.Cast(probability > BONE_THRESHOLD, sitk.sitkUInt8)
+    return predict_bone(fixed, network, device)
 
 
 def add_mr_bone_agreement(rows: list[dict], warped_labels: torch.Tensor, mr_bone: torch.Tensor) -> None:

@@ -23,8 +23,7 @@ import yaml
 
 from ..data.synthesis import MR_CONTRASTS, SynthesisSettings
 from ..errors import InputError
-from ..losses.rigidity import RIGIDITY_LOSSES
-from ..losses.similarity import SIMILARITY_LOSSES
+from ..losses.objective import Eq1Weights
 from ..network import NetworkConfig
 
 #: Pair sources (see :mod:`.pairs`).
@@ -138,45 +137,20 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class LossConfig:
-    """Weights of eq. (1): similarity + ``smooth`` * diffusion(v) + the chosen rigidity penalties.
+class LossConfig(Eq1Weights):
+    """Weights of the training loss: eq. (1) (:class:`..losses.objective.Eq1Weights`: similarity, ``smooth``, the
+    rigidity penalties) plus two auxiliary terms outside it that only synthesised pairs allow.
 
     Attributes:
-        similarity: ``"mind"`` (the paper's choice), ``"nmi"`` or ``"ngf"``.
-        similarity_weight: Weight of the similarity term.
-        smooth: Diffusion regularisation of the velocity (the paper's lambda = 0.01).
-        rigid_dice, rigid_field, pc, oc, volume: Rigidity penalty weights (0 = off); the losses of
-            :mod:`..losses.rigidity`, in mm units.
-        label_dice: Weight of an optional auxiliary term outside eq. (1): ``1 -`` the mean soft Dice of the warped
-            moving vertebrae with the fixed labels. Only synthesised pairs have fixed labels; it speeds up short
-            (CPU) trainings and is 0 in every paper config.
-        field: Weight of an optional supervised term outside eq. (1): the mean Charbonnier error
-            ``sqrt(|e|^2 + 1) - 1`` (voxels; ``|e|^2 / 2`` for small errors, ``|e|`` for large ones) between the
-            predicted and the synthesised displacement over the fixed vertebrae (skipped for batches without a
-            known field); 0 in every paper config.
+        label_dice: ``1 -`` the mean soft Dice of the warped moving vertebrae with the fixed labels. Only
+            synthesised pairs have fixed labels; it speeds up short (CPU) trainings and is 0 in every paper config.
+        field: The mean Charbonnier error ``sqrt(|e|^2 + 1) - 1`` (voxels; ``|e|^2 / 2`` for small errors, ``|e|``
+            for large ones) between the predicted and the synthesised displacement over the fixed vertebrae
+            (skipped for batches without a known field); 0 in every paper config.
     """
 
-    similarity: str = "mind"
-    similarity_weight: float = 1.0
-    smooth: float = 0.01
-    rigid_dice: float = 0.0
-    rigid_field: float = 0.0
-    pc: float = 0.0
-    oc: float = 0.0
-    volume: float = 0.0
     label_dice: float = 0.0
     field: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.similarity not in SIMILARITY_LOSSES:
-            raise InputError(f"unknown similarity {self.similarity!r}; choose from {sorted(SIMILARITY_LOSSES)}")
-        for f in fields(self):
-            if f.name != "similarity":
-                _finite_non_negative(f"loss.{f.name}", getattr(self, f.name))
-
-    def rigidity_weights(self) -> dict[str, float]:
-        """``{name: weight}`` of the active rigidity terms (names of :data:`..losses.rigidity.RIGIDITY_LOSSES`)."""
-        return {name: float(getattr(self, name)) for name in RIGIDITY_LOSSES if getattr(self, name) > 0}
 
 
 @dataclass(frozen=True)

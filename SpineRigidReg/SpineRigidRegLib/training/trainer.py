@@ -40,20 +40,21 @@ from torch.nn.parallel import DistributedDataParallel
 from .. import metrics
 from ..checkpoint import load_network, read_checkpoint, save_checkpoint, select_device, sha256_of
 from ..errors import InputError
-from ..losses.rigidity import rigidity_loss, vertebra_indicators
-from ..losses.similarity import SIMILARITY_LOSSES
-from ..losses.smoothness import diffusion_loss
-from ..network import NetworkConfig, RegistrationNet
+from ..losses.objective import eq1_loss
+from ..losses.rigidity import vertebra_indicators
+from ..network import NetworkConfig, RegistrationNet, RegistrationOutput
 from ..system import git_commit
 from ..warp import warp, warp_labels
+from .bone_input import degraded_bone
 from .config import PAIR_SOURCES as PAIR_SOURCE_NAMES
 from .config import LossConfig, TrainConfig
-from .pairs import PairPool, RealVolumes, TrainingPair, validation_pairs
+from .pairs import PairPool, RealVolumes, TrainingPair, mixed_seed, validation_pairs
 
 log = logging.getLogger(__name__)
 
 LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best.pt"
+VALIDATION_BONE_SEED = 700_000  # validation pairs get the same degraded bone input at every validation
 PIPELINE_SPACING_MM = 1.0  # the grid srr-register runs the network on (RegistrationSettings.spacing_mm)
 TRAIN_FIELDS = [
     "step",
@@ -100,12 +101,26 @@ class TrainResult:
 # ---------------------------------------------------------------------------------------------------- loss
 
 
+def network_output(network: torch.nn.Module, batch: TrainingPair, seed: int) -> RegistrationOutput:
+    """The network on a batch, with the degraded true bone as the fixed bone input when the network takes one.
+
+    Args:
+        network: :class:`~..network.RegistrationNet` (possibly wrapped in DDP).
+        batch: Pairs on the network's device.
+        seed: Seed of the bone input's degradation (the step; the pair index for validation).
+    """
+    config = getattr(network, "module", network).config
+    fixed_bone = degraded_bone(batch.fixed_labels, seed) if config.use_fixed_bone else None
+    return network(batch.fixed, batch.moving, batch.moving_labels, fixed_bone)
+
+
 def registration_loss(
     network: torch.nn.Module,
     batch: TrainingPair,
     loss: LossConfig,
     spacing: tuple[float, float, float],
     autocast: Callable[[], object] = nullcontext,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Eq. (1) for one batch: ``sim(F, M o phi) + smooth * diffusion(v) + sum_k w_k L_k(labels, phi)``.
 
@@ -115,27 +130,19 @@ def registration_loss(
         loss: Weights.
         spacing: mm per voxel, array order.
         autocast: Context manager factory for the forward pass (mixed precision on CUDA).
+        seed: Seed of the fixed bone input's degradation (label-guided networks only).
 
     Returns:
         The scalar loss and its terms as floats (``loss``, ``similarity``, ``smooth``, ``rigidity``).
     """
     with autocast():
-        output = network(batch.fixed, batch.moving, batch.moving_labels)
+        output = network_output(network, batch, seed)
     displacement = output.displacement.float()
     velocity = output.velocity.float()
-    # Border padding, as in the refinement: zero padding adds an edge at the grid's border that MIND latches onto.
-    if loss.similarity_weight > 0:
-        warped = warp(batch.moving, displacement, padding_mode="border")
-        similarity = SIMILARITY_LOSSES[loss.similarity](batch.fixed, warped)
-    else:  # a purely supervised training (field / label_dice) needs neither the warp nor the similarity
-        similarity = displacement.new_zeros(())
-    smooth = diffusion_loss(velocity)
-    total = loss.similarity_weight * similarity + loss.smooth * smooth
-    rigid_weights = loss.rigidity_weights()
-    rigidity = None
-    if rigid_weights:
-        rigidity = rigidity_loss(batch.moving_labels, displacement, rigid_weights, spacing=spacing)
-        total = total + rigidity
+    # Border padding, as in the refinement: zero padding adds an edge at the grid's border that MIND latches onto
+    # (a purely supervised training, similarity_weight 0, needs no warp).
+    warped = warp(batch.moving, displacement, padding_mode="border") if loss.similarity_weight > 0 else None
+    total, eq1 = eq1_loss(loss, batch.fixed, warped, velocity, displacement, batch.moving_labels, spacing)
     label_term = None
     if loss.label_dice > 0:
         label_term = label_dice_loss(batch.moving_labels, batch.fixed_labels, displacement)
@@ -151,9 +158,7 @@ def registration_loss(
         total = total + loss.field * field_term
     terms = {
         "loss": float(total.detach()),
-        "similarity": float(similarity.detach()),
-        "smooth": float(smooth.detach()),
-        "rigidity": float(rigidity.detach()) if rigidity is not None else 0.0,
+        **{name: float(term.detach()) for name, term in eq1.items()},
         "label_dice": float(label_term.detach()) if label_term is not None else 0.0,
         "field": float(field_term.detach()) if field_term is not None else 0.0,
     }
@@ -220,13 +225,13 @@ def evaluate(
 ) -> dict[str, float]:
     """Mean :func:`pair_figures` over ``pairs``; ``network=None`` scores the identity (the initial alignment)."""
     rows = []
-    for pair in pairs:
+    for index, pair in enumerate(pairs):
         pair = pair.to(device)
         if network is None:
             displacement = torch.zeros((1, 3, *pair.fixed.shape[2:]), device=device)
         else:
             with torch.inference_mode():
-                displacement = network(pair.fixed, pair.moving, pair.moving_labels).displacement.float()
+                displacement = network_output(network, pair, seed=VALIDATION_BONE_SEED + index).displacement.float()
         figures = pair_figures(pair, displacement, spacing)
         if figures:
             rows.append(figures)
@@ -501,7 +506,8 @@ def _run(
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
-        total, terms = registration_loss(model, batch, config.loss, spacing, autocast)
+        seed = mixed_seed(schedule.seed, step)
+        total, terms = registration_loss(model, batch, config.loss, spacing, autocast, seed=seed)
         if not math.isfinite(terms["loss"]):
             raise InputError(f"the loss became {terms['loss']} at step {step}: lower optim.learning_rate")
         if scaler is not None:
@@ -691,6 +697,11 @@ def export_model(
             + (", averaged to 2 mm inside the network" if network.config.input_resolution == "half" else ""),
             "moving": "CT on the same grid after rigid pre-alignment, [0, 1] the same way",
             "moving_labels": "CT vertebra labels on the same grid (enter as a binary bone mask)",
+            **(
+                {"fixed_bone": "MR vertebral-bone probability on the same grid, from the bundled segmentation model"}
+                if network.config.use_fixed_bone
+                else {}
+            ),
             "size_multiple": network.config.required_multiple,
         },
         "training": {

@@ -1,0 +1,97 @@
+"""Writing a :class:`..result.RegistrationResult` to a folder: every file or none."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+from .io import write_rows_csv
+from .prealign import Prealignment
+from .result import RegistrationResult
+
+ProgressCallback = Callable[[float, str], None]
+
+
+def write_outputs(
+    result: RegistrationResult, out_dir: str | os.PathLike, progress: ProgressCallback | None = None
+) -> dict[str, Path]:
+    """Write every output into ``out_dir``; files appear only once all are written (a failure leaves none).
+
+    Returns:
+        Output name -> path.
+    """
+    from .qa import save_qa_figure
+
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".srr-", dir=out_dir))
+    except OSError as error:
+        raise InputError(f"cannot write into {out_dir}: {(error.strerror or type(error).__name__).lower()}") from error
+    names = {
+        "warped_ct": "warped_ct.nii.gz",
+        "warped_labels": "warped_labels.nii.gz",
+        "jacobian": "jacobian.nii.gz",
+        "displacement": "displacement.nii.gz",
+        "total_displacement": "total_displacement.nii.gz",
+        "transform": "transform.h5",
+        "inverse_transform": "inverse_transform.h5",
+        "prealign": "prealign.tfm",
+        "vertebrae_csv": "vertebrae.csv",
+        "vertebrae_json": "vertebrae.json",
+        "summary": "summary.json",
+        "qa": "qa.png",
+    }
+    try:
+        sitk.WriteImage(result.warped_moving, str(staging / names["warped_ct"]), True)
+        sitk.WriteImage(result.warped_labels, str(staging / names["warped_labels"]), True)
+        sitk.WriteImage(result.jacobian, str(staging / names["jacobian"]), True)
+        sitk.WriteImage(result.displacement, str(staging / names["displacement"]), True)
+        sitk.WriteImage(result.total_displacement(), str(staging / names["total_displacement"]), True)
+        sitk.WriteTransform(result.transform, str(staging / names["transform"]))
+        sitk.WriteTransform(result.inverse_transform(), str(staging / names["inverse_transform"]))
+        sitk.WriteTransform(
+            Prealignment(result.prealign, result.prealign_method).transform(), str(staging / names["prealign"])
+        )
+        write_rows_csv(result.vertebrae, staging / names["vertebrae_csv"])
+        with open(staging / names["vertebrae_json"], "w", encoding="utf-8") as stream:
+            json.dump(
+                {
+                    "vertebrae": result.vertebrae,
+                    "rigid_transforms_lps": {str(k): v.tolist() for k, v in result.vertebra_rigid_transforms.items()},
+                },
+                stream,
+                indent=2,
+                default=_json_default,
+            )
+        with open(staging / names["summary"], "w", encoding="utf-8") as stream:
+            json.dump({**result.summary, "timings_s": result.timings}, stream, indent=2, default=_json_default)
+        save_qa_figure(result, staging / names["qa"], fixed=result.fixed)
+        if result.mr_vertebrae is not None:
+            names["mr_vertebrae"] = "mr_vertebrae_predicted.nii.gz"
+            sitk.WriteImage(result.mr_vertebrae, str(staging / names["mr_vertebrae"]), True)
+        paths = {}
+        for key, name in names.items():
+            os.replace(staging / name, out_dir / name)
+            paths[key] = out_dir / name
+        return paths
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)

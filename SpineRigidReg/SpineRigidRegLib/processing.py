@@ -1,0 +1,190 @@
+"""The pair on its processing grid: the MR's direction, 1 mm voxels, the CT spine plus a margin.
+
+:func:`processing_grid` chooses the grid; :func:`to_processing_grid` resamples everything the network and the
+optimisation stages need onto it, once, into a :class:`ProcessingPair`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .errors import InputError
+from .geometry import Geometry, image_to_tensor
+from .prealign import Prealignment
+from .preprocess import field_of_view, normalize_intensity, resample_to_reference
+from .settings import RegistrationSettings
+from .system import available_memory_bytes
+
+log = logging.getLogger(__name__)
+
+#: Largest processing grid (voxels); bigger regions are processed at a coarser spacing instead of failing.
+MAX_GRID_VOXELS = 160 * 160 * 224
+
+
+def processing_grid(
+    fixed: Geometry,
+    moving_labels: sitk.Image,
+    prealignment: Prealignment,
+    settings: RegistrationSettings,
+    multiple: int,
+) -> Geometry:
+    """The grid the network sees: the MR's direction, ``settings.spacing_mm`` voxels, covering the CT vertebrae
+    (mapped into MR space by the pre-alignment) plus a margin, sized to a multiple of ``multiple``."""
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(sitk.Cast(moving_labels > 0, sitk.sitkUInt8))
+    x0, y0, z0, sx, sy, sz = stats.GetBoundingBox(1)
+    g = Geometry.of(moving_labels)
+    corners = np.array(
+        [[k, j, i] for k in (z0, z0 + sz - 1) for j in (y0, y0 + sy - 1) for i in (x0, x0 + sx - 1)], dtype=float
+    )
+    moving_pts = g.array_index_to_lps_points(corners)
+    inverse = np.linalg.inv(prealignment.matrix)
+    fixed_pts = moving_pts @ inverse[:3, :3].T + inverse[:3, 3]
+    direction = fixed.direction_matrix
+    frame = (fixed_pts - np.asarray(fixed.origin)) @ direction  # coordinates along the MR's i, j, k axes (mm)
+    lo = frame.min(axis=0) - settings.margin_mm
+    hi = frame.max(axis=0) + settings.margin_mm
+    spacing = settings.spacing_mm
+    for _ in range(20):
+        size = np.ceil((hi - lo) / spacing / multiple).astype(int) * multiple
+        if np.prod(size) <= MAX_GRID_VOXELS:
+            break
+        spacing *= 1.1
+    centre = (lo + hi) / 2.0
+    start = centre - (size - 1) * spacing / 2.0
+    origin = np.asarray(fixed.origin) + direction @ start
+    if spacing != settings.spacing_mm:
+        log.warning("spine region is large: processed at %.2f mm instead of %.2f mm", spacing, settings.spacing_mm)
+    return Geometry(
+        shape=(int(size[2]), int(size[1]), int(size[0])),
+        spacing=(spacing, spacing, spacing),
+        origin=tuple(float(o) for o in origin),
+        direction=fixed.direction,
+    )
+
+
+def check_memory(grid: Geometry, device: torch.device) -> None:
+    """Refuse a run that cannot fit, with a plain message, before torch fails deep inside."""
+    voxels = int(np.prod(grid.shape))
+    needed = voxels * 4 * 48  # ~48 float32 volumes at peak (network activations + refinement), measured margin
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        free = available_memory_bytes()
+    if free is not None and needed > free:
+        raise InputError(
+            f"not enough memory: the {grid.shape} processing grid needs about {needed / 2**30:.1f} GiB, "
+            f"{free / 2**30:.1f} GiB is free (use a larger --spacing or a smaller margin)"
+        )
+
+
+def point_pairs_to_voxels(
+    pairs: Sequence[tuple[np.ndarray, np.ndarray]], pre: Prealignment, grid: Geometry
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CT point, MR point) pairs -> processing-grid voxels: (MR point, pre-aligned CT point)."""
+    ct = np.asarray([p[0] for p in pairs], dtype=np.float64).reshape(-1, 3)
+    mr = np.asarray([p[1] for p in pairs], dtype=np.float64).reshape(-1, 3)
+    if not np.all(np.isfinite(ct)) or not np.all(np.isfinite(mr)):
+        raise InputError("point pairs must be finite coordinates")
+    inverse = np.linalg.inv(pre.matrix)
+    ct_in_fixed = ct @ inverse[:3, :3].T + inverse[:3, 3]
+    return (
+        torch.as_tensor(grid.lps_to_array_index(mr), dtype=torch.float32),
+        torch.as_tensor(grid.lps_to_array_index(ct_in_fixed), dtype=torch.float32),
+    )
+
+
+@dataclass
+class ProcessingPair:
+    """The pair as the network and the optimisation stages see it; every volume ``(1, 1, D, H, W)`` on one grid.
+
+    Attributes:
+        fixed: MR intensities mapped to [0, 1] (:func:`..preprocess.normalize_intensity` inside its view).
+        moving: pre-aligned CT, [0, 1] the same way.
+        moving_labels: pre-aligned CT vertebra labels, int64.
+        spacing: mm per voxel, array order ``(D, H, W)``.
+        fixed_mask, moving_mask: bool, where the MR / the pre-aligned CT have data (``None``: everywhere).
+        fixed_bone: float MR vertebral-bone probability in [0, 1] (label-guided networks), or ``None``.
+        point_pairs: voxel coordinates ``(MR points (N, 3), pre-aligned CT points (N, 3))``, or ``None``.
+        grid: the grid's geometry (``None`` for tensors given without one, e.g. a benchmark's synthetic pair).
+        prealignment: the rigid map the CT was resampled through (``None`` likewise).
+    """
+
+    fixed: torch.Tensor
+    moving: torch.Tensor
+    moving_labels: torch.Tensor
+    spacing: tuple[float, float, float]
+    fixed_mask: torch.Tensor | None = None
+    moving_mask: torch.Tensor | None = None
+    fixed_bone: torch.Tensor | None = None
+    point_pairs: tuple[torch.Tensor, torch.Tensor] | None = None
+    grid: Geometry | None = None
+    prealignment: Prealignment | None = None
+
+    def to(self, device: torch.device | str) -> ProcessingPair:
+        """A copy with every tensor on ``device``."""
+
+        def move(x):
+            return None if x is None else x.to(device)
+
+        return ProcessingPair(
+            self.fixed.to(device),
+            self.moving.to(device),
+            self.moving_labels.to(device),
+            self.spacing,
+            move(self.fixed_mask),
+            move(self.moving_mask),
+            move(self.fixed_bone),
+            None if self.point_pairs is None else tuple(move(p) for p in self.point_pairs),
+            self.grid,
+            self.prealignment,
+        )
+
+
+def to_processing_grid(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    moving_labels: sitk.Image,
+    pre: Prealignment,
+    grid: Geometry,
+    fixed_bone: sitk.Image | None = None,
+    point_pairs: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
+) -> ProcessingPair:
+    """Resample the MR, the pre-aligned CT and its labels (and the MR bone probability) onto ``grid``, once.
+
+    Args:
+        fixed: MR; moving: CT in HU; moving_labels: CT vertebra labels on the CT's grid.
+        pre: Rigid pre-alignment (fixed -> moving LPS).
+        grid: The processing grid (:func:`processing_grid`).
+        fixed_bone: MR vertebral-bone probability on the MR's grid, or ``None``.
+        point_pairs: ``(CT LPS point, MR LPS point)`` pairs, or ``None``.
+
+    Raises:
+        InputError: the MR and the pre-aligned CT spine barely overlap.
+    """
+    pre_t = pre.transform()
+    inside = image_to_tensor(field_of_view(fixed, grid)) > 0
+    if inside.float().mean() < 0.1:
+        raise InputError("the MR and the CT spine do not overlap after pre-alignment (check landmarks/orientation)")
+    ct_min = float(sitk.GetArrayViewFromImage(moving).min())
+    bone = None
+    if fixed_bone is not None:
+        bone = image_to_tensor(resample_to_reference(sitk.Cast(fixed_bone, sitk.sitkFloat32), grid)).clamp(0, 1)
+    return ProcessingPair(
+        fixed=normalize_intensity(image_to_tensor(resample_to_reference(fixed, grid)), mask=inside),
+        moving=normalize_intensity(image_to_tensor(resample_to_reference(moving, grid, pre_t, default_value=ct_min))),
+        moving_labels=image_to_tensor(resample_to_reference(moving_labels, grid, pre_t, is_label=True), torch.int64),
+        spacing=grid.spacing_array_order,
+        fixed_mask=inside,
+        moving_mask=image_to_tensor(field_of_view(moving, grid, pre_t)) > 0,
+        fixed_bone=bone,
+        point_pairs=point_pairs_to_voxels(point_pairs, pre, grid) if point_pairs else None,
+        grid=grid,
+        prealignment=pre,
+    )

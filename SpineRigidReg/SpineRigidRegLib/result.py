@@ -1,0 +1,107 @@
+"""What a registration produces (:class:`RegistrationResult`) and what a result must satisfy to be written."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .errors import InputError
+from .geometry import Geometry
+from .prealign import Prealignment
+from .settings import RegistrationSettings
+
+#: A registered vertebra whose volume changed by more than this (%) stops the run (:func:`check_plausible`). Bone
+#: does not change volume, and none of the rigidity settings lets it do so by much: the benchmark's default run
+#: changes it by 0.08 % on average, the network alone by 0.07 %, the dense refinement at its default weights by
+#: 0.51 %, the "soft" rigidity preset (weights x 0.25) by a few per cent; the worst unshipped training attempt reached
+#: 10-14 % (docs/TRAINING.md). A damaged model gave -80 % to +92 %.
+MAX_VOLUME_CHANGE_PERCENT = 20.0
+
+
+@dataclass
+class RegistrationResult:
+    """Everything :func:`register` produces; see ``docs/ARCHITECTURE.md`` for the transform directions.
+
+    All transforms map fixed (MR) physical points to moving (CT) physical points (ITK's resampling direction,
+    Slicer's "FromParent" when the CT is placed under the transform), except :meth:`inverse_transform`.
+    """
+
+    warped_moving: sitk.Image
+    warped_labels: sitk.Image
+    jacobian: sitk.Image
+    prealign: np.ndarray
+    prealign_method: str
+    displacement: sitk.Image
+    velocity: torch.Tensor
+    transform: sitk.Transform
+    vertebrae: list[dict]
+    vertebra_rigid_transforms: dict[int, np.ndarray]
+    summary: dict
+    timings: dict[str, float]
+    grid: Geometry
+    fixed: sitk.Image | None = None
+    inverse_displacement: sitk.Image | None = None
+    mr_vertebrae: sitk.Image | None = None
+
+    def inverse_transform(self) -> sitk.Transform:
+        """The inverse map, moving (CT) point -> fixed (MR) point: the pre-alignment undone, then the deformable
+        part's inverse, ``exp(-v)`` of the same stationary velocity (``inverse_displacement``, LPS mm on ``grid``).
+
+        It carries CT points (a screw plan, a bone model) into the MR and resamples the MR onto the CT's grid; its
+        composition with :attr:`transform` is the identity up to the integration's error (0.02 mm on average, under
+        0.1 mm, for a 4.6 mm deformation in the tests).
+        """
+        if self.inverse_displacement is None:
+            raise InputError("this result holds no inverse field")
+        undo_prealign = Prealignment(self.prealign, self.prealign_method).transform().GetInverse()
+        # A composite applies its last transform first: the pre-alignment's inverse, then the field.
+        return sitk.CompositeTransform(
+            [sitk.DisplacementFieldTransform(sitk.Image(self.inverse_displacement)), undo_prealign]
+        )
+
+    def total_displacement(self) -> sitk.Image:
+        """Pre-alignment folded into the field: fixed point ``x`` -> moving point ``x + D(x)``, LPS mm."""
+        d = sitk.GetArrayFromImage(self.displacement).astype(np.float64)  # (D, H, W, 3) LPS
+        idx = np.stack(np.meshgrid(*[np.arange(s) for s in self.grid.shape], indexing="ij"), -1).reshape(-1, 3)
+        x = self.grid.array_index_to_lps_points(idx.astype(np.float64))
+        y = (x + d.reshape(-1, 3)) @ self.prealign[:3, :3].T + self.prealign[:3, 3]
+        total = sitk.GetImageFromArray((y - x).reshape(d.shape), isVector=True)
+        return self.grid.apply_to(total)
+
+
+def check_plausible(rows: Sequence[Mapping], field_stats: Mapping[str, float], settings: RegistrationSettings) -> None:
+    """Refuse a result that no registration of a spine can give, before anything is written.
+
+    Limits, from the settings the result was made with: every vertebra's volume within
+    :data:`MAX_VOLUME_CHANGE_PERCENT`; no displacement inside the MR's field of view (after the pre-alignment) larger
+    than ``settings.margin_mm + settings.vertebra_rigid.max_translation_mm``: the processing grid reaches
+    ``margin_mm`` beyond the pre-aligned CT spine, and the vertebra-wise stage moves a vertebra by at most
+    ``max_translation_mm``, so a larger one carries a point beyond everything the network was shown.
+
+    Raises:
+        InputError: naming the worst vertebra or the largest displacement, and the likely cause.
+    """
+    worst = max(
+        (r for r in rows if math.isfinite(float(r.get("volume_change_percent", float("nan"))))),
+        key=lambda r: abs(float(r["volume_change_percent"])),
+        default=None,
+    )
+    problems = []
+    if worst is not None and abs(float(worst["volume_change_percent"])) > MAX_VOLUME_CHANGE_PERCENT:
+        change = float(worst["volume_change_percent"])
+        name = worst.get("name", worst["label"])
+        problems.append(f"vertebra {name} changed volume by {change:+.0f} % (limit {MAX_VOLUME_CHANGE_PERCENT:.0f} %)")
+    largest = float(field_stats.get("max_displacement_mm", float("nan")))
+    limit = settings.margin_mm + settings.vertebra_rigid.max_translation_mm
+    if math.isfinite(largest) and largest > limit:
+        problems.append(f"a displacement of {largest:.0f} mm (limit {limit:.0f} mm)")
+    if problems:
+        raise InputError(
+            "the registration result is physically impossible (" + "; ".join(problems) + "): the model file is "
+            "probably damaged or not meant for these images; nothing was written"
+        )
