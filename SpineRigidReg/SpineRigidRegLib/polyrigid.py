@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import CancelledError, InputError
-from .losses.similarity import SIMILARITY_LOSSES, mind_ssc
+from .losses.similarity import SIMILARITY_LOSSES, mind_ssc, parzen_weights
 from .warp import (
     identity_grid,
     inside_moving_image,
@@ -41,6 +41,9 @@ from .warp import (
 #: Midpoint steps integrating the sampled voxels' paths during the optimisation (the result is then integrated by
 #: scaling and squaring like every velocity).
 _PATH_STEPS = 6
+
+#: Histogram of the NMI (the defaults of :func:`.losses.similarity.nmi_loss`).
+NMI_BINS, NMI_SIGMA_RATIO = 32, 0.5
 
 #: Rotation parameters are in units of ``1 / ROTATION_RADIUS_MM`` rad, so that one unit moves a point at this distance
 #: from the centre by 1 mm, like one unit of translation: Adam then takes steps of comparable size in both.
@@ -306,6 +309,9 @@ def refine_vertebrae_rigidly(
         return loss
 
     base = velocity.detach()
+    if points is not None and settings.similarity == "nmi":  # the fixed samples' histogram weights never change
+        fixed_weights = parzen_weights(fixed_samples, NMI_BINS, NMI_SIGMA_RATIO)
+        similarity = partial(similarity, bins=NMI_BINS, sigma_ratio=NMI_SIGMA_RATIO, fixed_weights=fixed_weights)
     limit = torch.tensor(
         [settings.max_translation_mm] * 3 + [settings.max_rotation_deg * torch.pi / 180 * ROTATION_RADIUS_MM] * 3,
         device=velocity.device,

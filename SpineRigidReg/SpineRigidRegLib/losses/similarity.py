@@ -194,7 +194,7 @@ def mind_loss(
 
 
 # ---------------------------------------------------------------------------------------------------------- NMI
-def _parzen_weights(image: torch.Tensor, bins: int, sigma_ratio: float) -> torch.Tensor:
+def parzen_weights(image: torch.Tensor, bins: int, sigma_ratio: float) -> torch.Tensor:
     """``(B, 1, D, H, W)`` -> ``(B, V, bins)`` Gaussian Parzen weights over ``bins`` centres on ``[0, 1]``.
 
     Intensities are clamped to ``[0, 1]``; the kernel's SD is ``sigma_ratio`` times the bin spacing and each voxel's
@@ -213,6 +213,7 @@ def joint_histogram(
     bins: int = 32,
     sigma_ratio: float = 0.5,
     mask: torch.Tensor | None = None,
+    weights_a: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Differentiable joint intensity histogram with Gaussian Parzen windows.
 
@@ -222,6 +223,8 @@ def joint_histogram(
         bins: Number of bins; centres at ``linspace(0, 1, bins)``.
         sigma_ratio: Parzen kernel SD as a fraction of the bin spacing.
         mask: Optional ``(B, 1, D, H, W)`` voxel weights.
+        weights_a: ``image_a``'s Parzen weights ``(B, V, bins)`` when already known (:func:`parzen_weights`; an
+            optimisation's fixed image has the same ones at every step).
 
     Returns:
         ``(B, bins, bins)`` joint probabilities (each sample sums to 1).
@@ -231,8 +234,8 @@ def joint_histogram(
     bins = _check_positive_int(bins, "bins", 2)
     if not sigma_ratio > 0:
         raise InputError(f"sigma_ratio must be positive, got {sigma_ratio}")
-    wa = _parzen_weights(image_a, bins, sigma_ratio)
-    wb = _parzen_weights(image_b, bins, sigma_ratio)
+    wa = parzen_weights(image_a, bins, sigma_ratio) if weights_a is None else weights_a
+    wb = parzen_weights(image_b, bins, sigma_ratio)
     if mask is None:
         joint = wa.transpose(1, 2) @ wb
         return joint / wa.shape[1]
@@ -275,6 +278,7 @@ def nmi_loss(
     mask: torch.Tensor | None = None,
     sigma_ratio: float = 0.5,
     eps: float = 1e-10,
+    fixed_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Negative normalised mutual information (Studholme et al. 1999): ``-(H(A) + H(B)) / H(A, B)``.
 
@@ -289,11 +293,12 @@ def nmi_loss(
         mask: Optional ``(B, 1, D, H, W)`` voxel weights.
         sigma_ratio: Parzen kernel SD as a fraction of the bin spacing.
         eps: Added inside the logarithms.
+        fixed_weights: ``fixed``'s Parzen weights, when precomputed (:func:`parzen_weights`).
 
     Returns:
         Scalar: minus the NMI, averaged over the batch.
     """
-    joint = joint_histogram(fixed, warped, bins, sigma_ratio, mask)
+    joint = joint_histogram(fixed, warped, bins, sigma_ratio, mask, weights_a=fixed_weights)
     h_a, h_b, h_ab = _entropies(joint, eps)
     return -((h_a + h_b) / h_ab.clamp_min(eps)).mean()
 
