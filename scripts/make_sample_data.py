@@ -1,10 +1,13 @@
 """Build the bundled sample case ``Resources/SampleData/`` (the README demo, ``srr-register --sample``).
 
 Source: the TotalSegmentator test files (Apache-2.0) in ``../shared/data/totalsegmentator-examples``: a real CT
-(3 mm) and its "total" label map, of which the vertebrae are kept. The MR is synthetic: a T1-like image of the same
-CT after a known per-vertebra rigid motion (:func:`SpineRigidRegLib.data.synthesis.synthesize_pair`), acquired on an
-oblique sagittal 1 x 1 x 3 mm grid in a scanner frame of its own. Everything is deterministic for a given seed (on
-the same torch version). Run from the repository root::
+(3 mm) and its "total" label map, of which the vertebrae (and the spinal cord, for the MR's tissues) are kept. The MR
+is synthetic, made to look like a clinical one (issue 15): a textured T2-weighted contrast of the same CT after a known
+per-vertebra rigid motion (:func:`SpineRigidRegLib.data.synthesis.synthesize_pair` for the motion,
+:func:`SpineRigidRegLib.data.clinical.textured_contrast` for the contrast), acquired as a clinical oblique sagittal
+2D series (0.7 mm pixels, 3.5 mm slices, box slice profile, bias field, Rician noise;
+:func:`SpineRigidRegLib.data.clinical.acquire_clinical`) in a scanner frame of its own.
+Everything is deterministic for a given seed (on the same torch version). Run from the repository root::
 
     .venv/bin/python scripts/make_sample_data.py            # writes Resources/SampleData/
     .venv/bin/python scripts/make_sample_data.py --out /tmp/sample --seed 7
@@ -24,19 +27,24 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 from SpineRigidRegLib.checkpoint import resources_dir
 from SpineRigidRegLib.cli.register import SAMPLE_FILES
+from SpineRigidRegLib.data.clinical import ClinicalAcquisition, acquire_clinical, textured_contrast
 from SpineRigidRegLib.data.subjects import (
     TOTALSEGMENTATOR_EXAMPLE,
+    TOTALSEGMENTATOR_SPINAL_CORD,
     TOTALSEGMENTATOR_VERTEBRAE,
     bone_aligned_slices,
     labels_on_image_grid,
+    spine_tissue_map,
 )
-from SpineRigidRegLib.data.synthesis import SynthesisSettings, synthesize_pair
+from SpineRigidRegLib.data.synthesis import MR_CONTRASTS, SynthesisSettings, synthesize_pair
 from SpineRigidRegLib.data.vertebrae import TOTALSEGMENTATOR, vertebra_labels_only, vertebra_name
-from SpineRigidRegLib.geometry import Geometry
+from SpineRigidRegLib.geometry import Geometry, image_to_tensor, tensor_to_image
 from SpineRigidRegLib.io import write_image, write_landmarks
 from SpineRigidRegLib.preprocess import resample_isotropic, resample_to_reference
+from SpineRigidRegLib.warp import warp
 
 log = logging.getLogger("make_sample_data")
 
@@ -57,8 +65,11 @@ SYNTH_MARGIN_MM = 45.0
 SYNTH_EXTRA_SUPERIOR_MM = 30.0
 #: A vertebra cut by the label map's edge to less than this fraction of the largest one is dropped.
 MIN_VERTEBRA_FRACTION = 0.25
-#: MR grid: voxel size (mm) along its (i: anterior-posterior, j: superior-inferior, k: right-left) axes.
-MR_SPACING = (1.0, 1.0, 3.0)
+#: MR grid: voxel size (mm) along its (i: anterior-posterior, j: superior-inferior, k: right-left) axes: a clinical
+#: sagittal T2 series (in-plane 0.6-0.8 mm, slices 3-4 mm).
+MR_SPACING = (0.7, 0.7, 3.5)
+#: The MR's contrast (a key of ``data.synthesis.MR_CONTRASTS``): sagittal T2 is the clinical spine series.
+MR_CONTRAST = "t2"
 #: MR field of view (mm) along the same axes.
 MR_FOV_MM = (120.0, 96.0, 105.0)
 #: Obliquity of the MR slices relative to the anatomy: rotation vector (degrees) about LPS x, y, z.
@@ -68,8 +79,6 @@ SCANNER_ROTATION_DEG = (3.0, -4.0, 6.0)
 SCANNER_TRANSLATION_MM = (12.0, -9.0, 20.0)
 #: The displacement field is stored rounded to this step (mm), a power of two so that the file compresses well.
 DISPLACEMENT_STEP_MM = 2.0**-10
-#: The synthetic MR is stored as integers: the [0, 1] contrast times this.
-MR_SCALE = 1000.0
 
 
 def rotation_matrix(rotation_deg: tuple[float, float, float]) -> np.ndarray:
@@ -180,8 +189,27 @@ def build(source: Path, out: Path, seed: int, with_displacement: bool = False) -
     synth_box = crop_box(labels_full, SYNTH_MARGIN_MM, (k_range[0], min(k_range[1] + extra, ct_full.GetSize()[2] - 1)))
     ct_synth = resample_isotropic(sitk.Cast(ct_full[synth_box], sitk.sitkFloat32), 1.0)
     labels_synth = resample_isotropic(labels_full[synth_box], 1.0, is_label=True)
-    settings = SynthesisSettings(slice_thickness_mm=MR_SPACING[2], slice_axis=2, seed=seed)
-    pair = synthesize_pair(ct_synth, labels_synth, settings=settings, seed=seed)
+    cord_full = labels_on_image_grid(sitk.Cast(seg == TOTALSEGMENTATOR_SPINAL_CORD, sitk.sitkUInt8), ct_full)
+    cord_synth = resample_isotropic(cord_full[synth_box], 1.0, is_label=True)
+    tissues_synth = spine_tissue_map(ct_synth, labels_synth, cord_synth)
+    settings = SynthesisSettings(
+        slice_thickness_mm=MR_SPACING[2], slice_axis=2, seed=seed, intensity_ranges=MR_CONTRASTS[MR_CONTRAST]
+    )
+    pair = synthesize_pair(ct_synth, labels_synth, settings=settings, seed=seed, tissues=tissues_synth)
+    # The clinical-looking contrast: texture within each tissue, moved by the pair's true motion (the pair's own MR,
+    # piecewise-constant classes, is not used).
+    spacing = Geometry.of(ct_synth).spacing_array_order
+    with torch.no_grad():
+        clean = textured_contrast(
+            image_to_tensor(ct_synth),
+            image_to_tensor(labels_synth, torch.int64),
+            image_to_tensor(tissues_synth, torch.int64),
+            settings,
+            torch.Generator().manual_seed(seed + 1),
+            spacing,
+        )
+        moved = warp(clean, pair.true_displacement, padding_mode="border")
+    clean_mr = tensor_to_image(moved.float(), Geometry.of(ct_synth))
 
     # 3. The MR grid: sagittal (i anterior->posterior, j superior->inferior, k right->left... as LPS -x), oblique,
     #    centred on the vertebrae, placed in a scanner frame G (MR point = G(synthesis point)).
@@ -198,8 +226,14 @@ def build(source: Path, out: Path, seed: int, with_displacement: bool = False) -
     )
     to_synth = affine_transform(np.linalg.inv(scanner))  # MR point -> synthesis (CT frame) point
 
-    mr_float = resample_to_reference(pair.fixed, mr_grid, transform=to_synth)
-    mr = sitk.Cast(sitk.Round(sitk.Clamp(mr_float, sitk.sitkFloat32, 0.0, 1.0) * MR_SCALE), sitk.sitkInt16)
+    # Acquired on the MR grid as it lies in the CT frame, then the header moved to the scanner frame: the same
+    # voxels, in the MR's own coordinates.
+    in_ct_frame = Geometry(
+        shape=mr_grid.shape, spacing=MR_SPACING, origin=tuple(centre - half), direction=tuple(direction_synth.ravel())
+    )
+    rng = np.random.default_rng(seed)
+    acquired = acquire_clinical(clean_mr, in_ct_frame, ClinicalAcquisition(), rng, MR_SPACING[2])
+    mr = mr_grid.apply_to(sitk.GetImageFromArray(np.round(sitk.GetArrayFromImage(acquired)).astype(np.int16)))
 
     # 4. The whole true map, MR point -> CT point: the scanner frame, then the synthetic motion.
     field = sitk.Cast(pair.displacement_image(), sitk.sitkVectorFloat64)
@@ -300,8 +334,19 @@ def provenance(facts: dict, out: Path) -> str:
     return f"""# Sample case: provenance
 
 A real CT with its vertebra labels, and a **synthetic** MR of the same anatomy with a known per-vertebra motion, for
-the README demo (`srr-register --sample --out DIR`) and the tests. The MR is not a real scan: no public paired spine
-CT/MR was available. Built by `scripts/make_sample_data.py` (seed {facts["seed"]}); regenerate with
+the README demo (`srr-register --sample --out DIR`), Slicer's Sample Data and the tests. The MR is not a real scan
+(no public paired spine CT/MR was available) but is made to look like a clinical one: a sagittal T2-weighted 2D
+series with 0.7 mm pixels and 3.5 mm slices, texture within tissues, a bias field and Rician noise, oblique, in a
+scanner frame of its own.
+
+**What is real:** the CT (HU values unchanged, native 3 mm voxels), its vertebra labels and the spinal cord that
+places the CSF. **What is synthesised:** the posture change (a known rigid motion per vertebra), the MR's contrast
+(intensities drawn per tissue class, with texture), its acquisition (slice profile, bias, noise), the MR labels and
+landmarks (the CT's, moved by the known motion). Why not the real MR of `../shared/data`: it is a different person
+from the CT (no paired truth), and its 20 axial 3 mm slices show two vertebrae; the benchmark's real-MR tier pairs
+it with a CT synthesised from its labels instead (docs/BENCHMARKS_TIERS.md).
+
+Built by `scripts/make_sample_data.py` (seed {facts["seed"]}); regenerate with
 
 ```bash
 .venv/bin/python scripts/make_sample_data.py --seed {facts["seed"]}   # from the repository root
@@ -335,18 +380,22 @@ downsampled to 3 mm by its authors.
    {SYNTH_EXTRA_SUPERIOR_MM:.0f} mm of unlabelled CT above the labels), resampled to 1 mm (linear / nearest),
    size {tuple(facts["synth_shape"])}. `SpineRigidRegLib.data.synthesis.synthesize_pair(ct, labels,
    SynthesisSettings(slice_thickness_mm={s.slice_thickness_mm}, slice_axis={s.slice_axis}, seed={facts["seed"]}),
-   seed={facts["seed"]})` drew a rigid motion per vertebra (flexion/extension up to {s.max_flexion_deg} deg, lateral
-   bending {s.max_lateral_bending_deg} deg, axial rotation {s.max_axial_rotation_deg} deg per joint, chained along
-   the spine, plus a residual global motion of up to {s.max_global_rotation_deg} deg and {s.max_translation_mm} mm),
-   a poly-rigid diffeomorphic field (rigid inside each vertebra, smooth soft tissue), and a T1-like contrast (tissue
-   classes from HU bands and the labels, random intensities per class, blur, {s.slice_thickness_mm} mm slices along
-   left-right, bias field, Rician noise, [0, 1]).
-4. **`{SAMPLE_FILES["fixed"]}`**: that MR resampled (linear) onto an oblique sagittal grid of {MR_SPACING[0]} x
+   seed={facts["seed"]}, tissues=...)` drew a rigid motion per vertebra (flexion/extension up to {s.max_flexion_deg}
+   deg, lateral bending {s.max_lateral_bending_deg} deg, axial rotation {s.max_axial_rotation_deg} deg per joint,
+   chained along the spine, plus a residual global motion of up to {s.max_global_rotation_deg} deg and
+   {s.max_translation_mm} mm) and a poly-rigid diffeomorphic field (rigid inside each vertebra, smooth soft tissue).
+   The tissue classes (`SpineRigidRegLib.data.subjects.spine_tissue_map`: air, fat, muscle and bone from HU bands
+   and the labels; discs between the vertebrae; the spinal cord of `example_seg.nii.gz` and the CSF around it) got a
+   {MR_CONTRAST.upper()}-weighted contrast with texture within each tissue
+   (`SpineRigidRegLib.data.clinical.textured_contrast`, seed {facts["seed"]} + 1), moved by that field.
+4. **`{SAMPLE_FILES["fixed"]}`**: that contrast acquired as a clinical 2D series
+   (`SpineRigidRegLib.data.clinical.acquire_clinical`: box slice profile, bias field, Rician noise; scaled so that
+   its 99th percentile is 1000, stored as int16) on an oblique sagittal grid of {MR_SPACING[0]} x
    {MR_SPACING[1]} x {MR_SPACING[2]} mm voxels (i anterior-posterior, j superior-inferior, k left-right = slice
    direction), size {tuple(facts["mr_size"])}, tilted by the rotation vector {MR_OBLIQUE_DEG} deg against the
    anatomy and placed in an MR scanner frame G (rotation vector {SCANNER_ROTATION_DEG} deg, translation
-   {SCANNER_TRANSLATION_MM} mm; MR point = G(CT-frame point)), stored as int16 = round(1000 x intensity). Parts of
-   the grid outside the synthesis grid are 0.
+   {SCANNER_TRANSLATION_MM} mm; MR point = G(CT-frame point)). Parts of the grid outside the synthesis grid are
+   0 (plus noise).
 5. **`{SAMPLE_FILES["fixed_labels"]}`** (evaluation only): the CT labels of step 2 resampled (nearest neighbour)
    through the true map MR point -> CT point (G^-1, then the synthetic field); 0 where the MR grid leaves the
    synthesis grid (no ground truth there; that grid is recorded in `{TRUTH_FILE}`).
