@@ -31,6 +31,9 @@ AUTOMATIC = "automatic: label centroid + Mattes MI rigid"
 MAX_AUTOMATIC_ROTATION_DEG = 30.0
 # The translation stage places the spine to within a few mm; the rigid stage may only refine that.
 MAX_AUTOMATIC_REFINE_SHIFT_MM = 20.0
+# The automatic search's Mattes MI draws at most this many samples per resolution level (seeded, so a run is
+# repeatable), the way elastix samples: every voxel of a clinical MR at full resolution cost most of its time.
+MAX_METRIC_SAMPLES = 50_000
 # Radius (mm) of the orientation prior of each centre point (see rigid_from_points).
 ROTATION_PRIOR_RADIUS_MM = 5.0
 
@@ -312,9 +315,13 @@ def _mattes_mi(
     """Multi-resolution Mattes-MI registration of ``moving`` onto ``fixed`` from ``initial`` (fixed -> moving)."""
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
-    if np.prod(fixed.GetSize()) > 2_000_000:
+    # The coarsest level keeps at least 24 voxels along the shortest axis.
+    factors = [f for f in (4, 2) if min(fixed.GetSize()) / f >= 24] + [1]
+    voxels = float(np.prod(fixed.GetSize()))
+    shares = [min(1.0, MAX_METRIC_SAMPLES / (voxels / f**3)) for f in factors]
+    if min(shares) < 1.0:
         method.SetMetricSamplingStrategy(method.RANDOM)
-        method.SetMetricSamplingPercentage(0.2, seed=1)
+        method.SetMetricSamplingPercentagePerLevel(shares, seed=1)
     if moving_mask is not None:
         method.SetMetricMovingMask(moving_mask)
     if fixed_mask is not None:
@@ -324,8 +331,6 @@ def _mattes_mi(
         learningRate=learning_rate, minStep=0.01, numberOfIterations=150, gradientMagnitudeTolerance=1e-6
     )
     method.SetOptimizerScalesFromPhysicalShift()
-    # The coarsest level keeps at least 24 voxels along the shortest axis.
-    factors = [f for f in (4, 2) if min(fixed.GetSize()) / f >= 24] + [1]
     method.SetShrinkFactorsPerLevel(factors)
     method.SetSmoothingSigmasPerLevel([float(f - 1) for f in factors])
     method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()

@@ -600,7 +600,10 @@ def render_tier_report(out_dir: str | Path, markdown_path: str | Path) -> Path:
         "*Initial (no registration)*: the motion itself. *Staring*: elastix B-spline + Mattes MI + rigidity penalty "
         "from the points' pre-alignment. *ours: default (no points)*: `srr-register` as a user without points runs "
         "it (automatic pre-alignment); *bone-guided*: `RegistrationSettings(bone_prealign=True)`, no points; "
-        "*network alone*: without the vertebra-wise rigid stage, from the points.",
+        "*network alone*: without the vertebra-wise rigid stage, from the points; *network path (no points)*: the "
+        "automatic pre-alignment and the network, without the vertebra-wise rigid stage (`--vertebra-steps 0`), the "
+        "path issue 19 measures a network by; *candidate model*: the same rows with a model given by "
+        "`--candidate-model`.",
         "",
     ]
     for note in meta.get("notes", []):
