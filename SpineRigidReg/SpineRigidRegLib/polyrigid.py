@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 
 import SimpleITK as sitk
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from .errors import CancelledError, InputError
 from .losses.similarity import SIMILARITY_LOSSES, mind_ssc, parzen_weights
+from .validation import check_settings_fields
 from .warp import (
     identity_grid,
     inside_moving_image,
@@ -92,11 +93,7 @@ class VertebraRigidSettings:
     points_weight: float = 0.05
 
     def __post_init__(self) -> None:
-        if self.similarity not in SIMILARITY_LOSSES:
-            raise InputError(f"unknown similarity {self.similarity!r}; choose from {sorted(SIMILARITY_LOSSES)}")
-        for name, value in asdict(self).items():
-            if name != "similarity" and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
-                raise InputError(f"vertebra rigid refinement setting {name} must be a non-negative number")
+        check_settings_fields(self, "vertebra rigid refinement setting", SIMILARITY_LOSSES)
         if self.sigma_mm <= 0 or self.partition_mm <= 0:
             raise InputError("sigma_mm and partition_mm must be > 0")
 

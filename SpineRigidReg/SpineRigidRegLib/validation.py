@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -122,3 +124,17 @@ def check_label_tensor(labels: object, name: str = "label map") -> torch.Tensor:
     if bool((labels < 0).any()):
         raise InputError(f"{name} must hold non-negative label values")
     return labels
+
+
+def check_settings_fields(settings: object, what: str, similarities: Mapping[str, object]) -> None:
+    """Raise :class:`InputError` unless the dataclass ``settings`` names a known ``similarity`` (a key of
+    ``similarities``) and every other field is a finite number >= 0 (``what`` names the settings in the message)."""
+    similarity = settings.similarity
+    if similarity not in similarities:
+        raise InputError(f"unknown similarity {similarity!r}; choose from {sorted(similarities)}")
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if f.name == "similarity":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise InputError(f"{what} {f.name} must be a finite non-negative number, got {value!r}")

@@ -7,13 +7,12 @@ both minimise it; their weight types (:class:`..training.config.LossConfig`, :cl
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
-from ..errors import InputError
+from ..validation import check_settings_fields
 from .rigidity import RIGIDITY_TERMS, rigidity_loss
 from .similarity import SIMILARITY_LOSSES
 from .smoothness import diffusion_loss
@@ -42,14 +41,7 @@ class Eq1Weights:
 
     def __post_init__(self) -> None:
         """Every numeric field (a subclass's too) must be finite and >= 0."""
-        if self.similarity not in SIMILARITY_LOSSES:
-            raise InputError(f"unknown similarity {self.similarity!r}; choose from {sorted(SIMILARITY_LOSSES)}")
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name == "similarity":
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise InputError(f"weight {f.name} must be a finite non-negative number, got {value!r}")
+        check_settings_fields(self, "weight", SIMILARITY_LOSSES)
 
     def rigidity_weights(self) -> dict[str, float]:
         """``{name: weight}`` of the active rigidity terms (names of :data:`.rigidity.RIGIDITY_TERMS`)."""
