@@ -120,3 +120,17 @@ def test_srr_benchmark_quick_tiers(tmp_path, monkeypatch):
     assert f"| {tiers.NO_REGISTRATION} |" in text and f"| {tiers.STARING_POINTS} |" in text
     assert (out / tiers.CAPTURE_PNG).is_file() and (out / "clinical" / "panels.png").is_file()
     assert "x0.5" in text and "x2" in text
+
+
+def test_a_candidate_model_adds_its_network_path_and_default_rows_and_must_exist(tmp_path, capsys):
+    rows = {m.name: m for m in tiers.tier_methods(3, 1, candidate="runs/lg/label_guided.pt")}
+    added = [m for m in rows.values() if m.checkpoint == "runs/lg/label_guided.pt"]
+    assert len(added) == 2 and all(m.kind == runner.KIND_MODEL and not m.landmarks for m in added)
+    assert sorted(m.vertebra_rigid_steps for m in added if m.vertebra_rigid_steps is not None) == [0]
+    assert all(m.checkpoint is None for m in tiers.tier_methods(3, 1))
+    missing = tmp_path / "absent.pt"
+    code = benchmark_cli.main(
+        ["--tiers", "clinical", "--quick", "--candidate-model", str(missing), "--out", str(tmp_path / "o"), "--quiet"]
+    )
+    err = capsys.readouterr().err
+    assert code != 0 and "--candidate-model" in err and "Traceback" not in err
