@@ -203,7 +203,9 @@ def parzen_weights(image: torch.Tensor, bins: int, sigma_ratio: float) -> torch.
     centres = torch.linspace(0.0, 1.0, bins, dtype=image.dtype, device=image.device)
     sigma = sigma_ratio / (bins - 1)
     values = image.clamp(0.0, 1.0).flatten(1)[..., None]
-    weights = torch.exp(-0.5 * ((values - centres) / sigma) ** 2)
+    # Floored: exp() of the far bins' large negative arguments took 40x longer on a CPU than of the rest, for
+    # weights below 1e-13 either way.
+    weights = torch.exp((-0.5 * ((values - centres) / sigma) ** 2).clamp_min(-30.0))
     return weights / weights.sum(-1, keepdim=True)
 
 
