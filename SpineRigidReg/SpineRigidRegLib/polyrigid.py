@@ -347,21 +347,38 @@ class VertebraFit:
         steps, rate = self.settings.steps, self.settings.learning_rate
         with torch.no_grad():
             self.start_at(problem.pair_offsets(self.bounded()))
-        optimizer = torch.optim.Adam([self.parameters.requires_grad_(True)], lr=rate)
+        optimizer = _Adam(self.parameters.requires_grad_(True))
         for step in range(steps):
             if self.should_cancel is not None and self.should_cancel():
                 raise CancelledError("registration cancelled")
             if step == recentre_at and step > 0:
                 self.recentre()
-                optimizer = torch.optim.Adam([self.parameters.requires_grad_(True)], lr=rate)
-            for group in optimizer.param_groups:
-                group["lr"] = rate * (0.1 + 0.45 * (1.0 + math.cos(math.pi * step / steps)))
-            optimizer.zero_grad(set_to_none=True)
+                optimizer = _Adam(self.parameters.requires_grad_(True))
+            self.parameters.grad = None
             problem.loss(self.bounded(), step).backward()
-            optimizer.step()
+            optimizer.step(rate * (0.1 + 0.45 * (1.0 + math.cos(math.pi * step / steps))))
             if self.progress is not None:
                 self.progress((step + 1) / steps, f"vertebra-wise rigid alignment step {step + 1}/{steps}")
         self.parameters = self.parameters.detach()
+
+
+class _Adam:
+    """Adam (Kingma and Ba 2015, torch's defaults) on one tensor, the ``(K, 6)`` motions. ``torch.optim.Adam`` does
+    the same, but its first construction in a process imports ``torch._dynamo`` (1-2 s, as long as the whole fit)."""
+
+    def __init__(self, parameters: torch.Tensor, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.parameters, self.betas, self.eps, self.count = parameters, betas, eps, 0
+        self.mean, self.square = torch.zeros_like(parameters), torch.zeros_like(parameters)
+
+    @torch.no_grad()
+    def step(self, rate: float) -> None:
+        """One update of step size ``rate`` from the parameters' current gradient."""
+        (b1, b2), grad = self.betas, self.parameters.grad
+        self.count += 1
+        self.mean.mul_(b1).add_(grad, alpha=1 - b1)
+        self.square.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        denominator = (self.square / (1 - b2**self.count)).sqrt_().add_(self.eps)
+        self.parameters.sub_(rate / (1 - b1**self.count) * self.mean / denominator)
 
 
 class _Problem(Protocol):
