@@ -512,7 +512,7 @@ class SpineRigidRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.resultsCollapsibleButton.enabled = hasResult
         self.ui.qaTableView.setMRMLTableNode(slicer.mrmlScene.GetNodeByID(outputs.table) if hasResult else None)
         self.ui.summaryLabel.text = self.logic.summaryText() if hasResult else ""
-        device = self.logic.history[-1].result.summary.get("device") if hasResult and self.logic.history else None
+        device = self.logic.resultDevice() if hasResult else None
         self.ui.deviceLabel.text = _("used: ") + (device or "-")
         node = self._parameterNode.ctSegmentation if self._parameterNode else None
         if node is not None and not node.IsA("vtkMRMLSegmentationNode"):
@@ -603,7 +603,10 @@ class SpineRigidRegLogic(ScriptedLoadableModuleLogic):
         return self._mrml.summaryText() if self._mrml is not None else ""
 
     def resultVertebraNames(self) -> list:
-        return [str(r["name"]) for r in self.history[-1].result.vertebrae] if self.history else []
+        return self._mrml.resultVertebraNames() if self._mrml is not None else []
+
+    def resultDevice(self):
+        return self._mrml.resultDevice() if self._mrml is not None else None
 
     def resetResults(self) -> None:
         if self._mrml is not None:

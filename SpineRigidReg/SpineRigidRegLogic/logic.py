@@ -485,6 +485,14 @@ class SpineRigidRegLogic:
         foreground = self.outputs.jacobianVolume if jacobian else self.outputs.warpedVolume
         return outputs.setupFusionViews(self.scene, self.history[-1].inputs.nodeIds.get("mr", ""), foreground, opacity)
 
+    def resultVertebraNames(self) -> list[str]:
+        """The vertebra names of the current result, in its table's order (none before a run)."""
+        return [str(row["name"]) for row in self.history[-1].result.vertebrae] if self.history else []
+
+    def resultDevice(self) -> str | None:
+        """The device the current result was computed on (``None`` before a run)."""
+        return self.history[-1].result.summary.get("device") if self.history else None
+
     def summaryText(self) -> str:
         """One line about the current result: device, pre-alignment, folding, timing."""
         if not self.history:
