@@ -12,6 +12,7 @@ from SpineRigidRegLib.jacobian import determinant, jacobian_matrix, orthonormali
 from SpineRigidRegLib.polyrigid import (
     ROTATION_RADIUS_MM,
     SampledProblem,
+    StageImages,
     VertebraFit,
     VertebraFrames,
     VertebraRigidSettings,
@@ -89,7 +90,8 @@ def test_after_recentring_the_sampled_loss_sees_each_point_where_the_integrated_
         settings.partition_mm,
     )
     fit = VertebraFit(settings, frames, torch.zeros(1, 3, 32, 24, 24), torch.roll(labels, 1, dims=2), 7, None, None)
-    problem = SampledProblem(fit, torch.roll(labels, 1, dims=2), fixed, moving, (1.0, 1.0, 1.0), None, None, None)
+    images = StageImages(fixed, moving, torch.roll(labels, 1, dims=2), (1.0, 1.0, 1.0), None, None, None)
+    problem = SampledProblem(fit, images)
     fit.parameters = torch.tensor([[0.0, 1.5, 0.0, 2.0, 0.0, 0.0], [0.0, -1.0, 0.5, 0.0, 0.0, -3.0]])
     fit.recentre()
     problem.loss(fit.bounded(), 0)  # a refresh step: owners and the correction

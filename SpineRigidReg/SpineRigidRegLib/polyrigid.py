@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import SimpleITK as sitk
 import torch
@@ -265,11 +265,11 @@ def refine_vertebrae_rigidly(
         labels_g, grid_spacing, settings.sigma_mm, values, settings.margin_mm, settings.partition_mm
     )
     fit = VertebraFit(settings, frames, base, labels_g, integration_steps, progress, should_cancel)
-    images = (fixed, moving, spacing, fixed_mask, moving_mask, point_pairs)
+    images = StageImages(fixed, moving, moving_labels, spacing, fixed_mask, moving_mask, point_pairs)
     if settings.similarity == "nmi" and settings.samples > 0:
-        problem: _Problem = SampledProblem(fit, moving_labels, *images)
+        problem: _Problem = SampledProblem(fit, images)
     else:
-        problem = _DenseProblem(fit, *images)
+        problem = _DenseProblem(fit, images)
     fit.run(problem, recentre_at=settings.steps // 2)
     with torch.no_grad():
         fit.recentre()
@@ -290,6 +290,18 @@ def _weighted_labels(labels: torch.Tensor, vertebra_weights: Mapping[int, float]
     if not vertebra_weights:
         return None
     return sorted(int(v) for v in torch.unique(labels).tolist() if v > 0 and vertebra_weights.get(int(v), 1.0) > 0)
+
+
+class StageImages(NamedTuple):
+    """What the stage compares, on the full grid (see :func:`refine_vertebrae_rigidly` for each)."""
+
+    fixed: torch.Tensor
+    moving: torch.Tensor
+    moving_labels: torch.Tensor
+    spacing: Sequence[float]
+    fixed_mask: torch.Tensor | None
+    moving_mask: torch.Tensor | None
+    point_pairs: tuple[torch.Tensor, torch.Tensor] | None
 
 
 class VertebraFit:
@@ -402,17 +414,8 @@ class SampledProblem:
     be. The network's field enters the closed form as a fixed displacement; the correction makes it exact too.
     """
 
-    def __init__(
-        self,
-        fit: VertebraFit,
-        moving_labels: torch.Tensor,
-        fixed: torch.Tensor,
-        moving: torch.Tensor,
-        spacing: Sequence[float],
-        fixed_mask: torch.Tensor | None,
-        moving_mask: torch.Tensor | None,
-        point_pairs: tuple[torch.Tensor, torch.Tensor] | None,
-    ) -> None:
+    def __init__(self, fit: VertebraFit, images: StageImages) -> None:
+        fixed, moving, moving_labels, spacing, fixed_mask, moving_mask, point_pairs = images
         settings, frames = fit.settings, fit.frames
         region = _bone_band(moving_labels, frames.labels, spacing, settings.sample_band_mm)
         if fixed_mask is not None:
@@ -485,16 +488,8 @@ class _DenseProblem:
     """The similarity over the velocity's whole grid after integrating the whole map by scaling and squaring (MIND,
     NGF, or NMI without samples); point pairs follow the velocity (:func:`_flow`). Reads the fit's current frames."""
 
-    def __init__(
-        self,
-        fit: VertebraFit,
-        fixed: torch.Tensor,
-        moving: torch.Tensor,
-        spacing: Sequence[float],
-        fixed_mask: torch.Tensor | None,
-        moving_mask: torch.Tensor | None,
-        point_pairs: tuple[torch.Tensor, torch.Tensor] | None,
-    ) -> None:
+    def __init__(self, fit: VertebraFit, images: StageImages) -> None:
+        fixed, moving, _, spacing, fixed_mask, moving_mask, point_pairs = images
         grid, full = tuple(fit.base.shape[2:]), tuple(fixed.shape[2:])
         self.fit = fit
         self.fixed, self.moving = to_grid(fixed, grid), to_grid(moving, grid)
