@@ -12,7 +12,7 @@ import torch
 from SpineRigidRegLib.data.phantom import make_phantom
 from SpineRigidRegLib.errors import InputError
 from SpineRigidRegLib.geometry import Geometry
-from SpineRigidRegLib.segmentation import align, labelmaps
+from SpineRigidRegLib.segmentation import align, labelmaps, stage
 from SpineRigidRegLib.segmentation.grid import canonical_geometry, to_canonical
 from SpineRigidRegLib.segmentation.net import SegmentationConfig, SegmentationNet
 from SpineRigidRegLib.segmentation.predict import (
@@ -150,6 +150,28 @@ def test_prediction_lies_on_the_mrs_own_grid_and_is_zero_outside_its_data():
     assert Geometry.of(probability) == geometry
     values = sitk.GetArrayFromImage(probability)
     assert values.min() >= 0.0 and values.max() <= 1.0
+
+
+def test_the_same_mr_is_segmented_once_and_each_caller_gets_its_own_copy(monkeypatch):
+    calls = []
+
+    def predict(image, network, device):
+        calls.append(1)
+        return sitk.Image(image.GetSize(), sitk.sitkFloat32) + float(len(calls))
+
+    monkeypatch.setattr(stage, "predict_bone", predict)
+    monkeypatch.setattr(stage, "_bundled", lambda device: "net")
+    monkeypatch.setattr(stage, "bundled_card", lambda: {})
+    monkeypatch.setattr(stage, "_PREDICTIONS", type(stage._PREDICTIONS)())
+    mr = sitk.Image([8, 9, 10], sitk.sitkFloat32)
+    first = stage.predict_mr_bone(mr)
+    first[0, 0, 0] = 99.0  # a caller changing its copy
+    again = stage.predict_mr_bone(sitk.Image(mr))
+    assert len(calls) == 1 and again[0, 0, 0] == 1.0
+    moved = sitk.Image(mr)
+    moved.SetOrigin((0.0, 0.0, 1.0))  # same voxels elsewhere: another MR
+    stage.predict_mr_bone(moved)
+    assert len(calls) == 2
 
 
 def test_bundled_model_finds_the_vertebrae_of_the_real_mr_it_never_saw(shared_data):

@@ -8,7 +8,9 @@ accuracy on real MR is in docs/BENCHMARKS.md).
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections import OrderedDict
 from functools import lru_cache
 
 import SimpleITK as sitk
@@ -37,7 +39,27 @@ def predict_mr_bone(fixed: sitk.Image, device: torch.device | str = "cpu") -> si
     except InputError as error:
         logger.warning("MR segmentation skipped: %s", error)
         return None
-    return predict_bone(fixed, network, device)
+    key = (_image_digest(fixed), str(device))
+    cached = _PREDICTIONS.get(key)
+    if cached is None or cached[0] is not network:
+        cached = _PREDICTIONS[key] = (network, predict_bone(fixed, network, device))
+        while len(_PREDICTIONS) > _CACHED_PREDICTIONS:
+            _PREDICTIONS.popitem(last=False)
+    return sitk.Image(cached[1])  # a copy: the caller may change its own
+
+
+#: Predictions kept for MRs seen again (a manual-correction re-run, the benchmark's rows on one case): the MR
+#: segmentation cost about 1 s of each re-run on the sample case (docs/SPEED_PROFILE.md).
+_CACHED_PREDICTIONS = 2
+_PREDICTIONS: OrderedDict[tuple[str, str], tuple[object, sitk.Image]] = OrderedDict()
+
+
+def _image_digest(image: sitk.Image) -> str:
+    """sha1 of an image's voxels, pixel type and geometry: the same digest means the same MR."""
+    digest = hashlib.sha1(sitk.GetArrayViewFromImage(image).tobytes())
+    geometry = (image.GetPixelIDValue(), image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+    digest.update(repr(geometry).encode())
+    return digest.hexdigest()
 
 
 def add_mr_bone_agreement(rows: list[dict], warped_labels: torch.Tensor, mr_bone: torch.Tensor) -> None:
