@@ -1,6 +1,6 @@
 """Plot the label-guided registration network's learning curve (issue 19, step 2) from its committed run folder.
 
-    .venv/bin/python scripts/label_guided_curve.py            # training/label_guided -> docs/label_guided_curve.png
+.venv/bin/python scripts/label_guided_curve.py            # training/label_guided -> docs/label_guided_curve.png
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from SpineRigidRegLib.checkpoint import resources_dir
 from SpineRigidRegLib.cli.register import SAMPLE_FILES
 from SpineRigidRegLib.io import read_image, read_landmarks
 from SpineRigidRegLib.pipeline import RegistrationSettings, register, write_outputs
+from SpineRigidRegLib.segmentation.stage import forget_predictions
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("load", "mr_segmentation", "prealign", "preprocess", "network", "vertebra_rigid", "integration", "outputs")
@@ -45,6 +46,7 @@ def _inputs() -> dict:
 
 def _run(data: dict, points: bool, out: Path) -> dict[str, float]:
     landmarks = {"fixed_landmarks": data["fixed_landmarks"], "moving_landmarks": data["moving_landmarks"]}
+    forget_predictions()  # every run a first registration of the MR
     result = register(
         data["fixed"],
         data["moving"],

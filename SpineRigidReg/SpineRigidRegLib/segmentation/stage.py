@@ -54,6 +54,12 @@ _CACHED_PREDICTIONS = 2
 _PREDICTIONS: OrderedDict[tuple[str, str], tuple[object, sitk.Image]] = OrderedDict()
 
 
+def forget_predictions() -> None:
+    """Empty the cache of :func:`predict_mr_bone`, so that the next registration segments its MR again (a benchmark
+    timing a first registration)."""
+    _PREDICTIONS.clear()
+
+
 def _image_digest(image: sitk.Image) -> str:
     """sha1 of an image's voxels, pixel type and geometry: the same digest means the same MR."""
     digest = hashlib.sha1(sitk.GetArrayViewFromImage(image).tobytes())
