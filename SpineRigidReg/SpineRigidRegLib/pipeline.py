@@ -337,6 +337,63 @@ def prealign_stage(
     )
 
 
+def _vertebra_rows(
+    pair: ProcessingPair,
+    displacement: torch.Tensor,
+    jac_matrix: torch.Tensor,
+    warped_labels: torch.Tensor,
+    moving_labels: sitk.Image,
+    fixed_labels: sitk.Image | None,
+    mr_bone: sitk.Image | None,
+) -> tuple[list[dict], dict]:
+    """The per-vertebra table on the processing grid (:func:`.metrics.vertebra_table` with names, MR coverage and,
+    with a predicted MR bone, the share of each vertebra on it) and the bone summary (``{}`` without one).
+
+    ``displacement`` ``(1, 3, D, H, W)`` voxels, ``jac_matrix`` its Jacobian, ``warped_labels`` ``(1, 1, D, H, W)``
+    the CT labels it carries onto the grid."""
+    grid, labels = pair.grid, pair.moving_labels.cpu()
+    fixed_labels_t = None
+    if fixed_labels is not None:
+        fixed_labels_t = image_to_tensor(resample_to_reference(fixed_labels, grid, is_label=True), torch.int64)
+    rows = metrics.vertebra_table(
+        labels,
+        displacement,
+        pair.spacing,
+        fixed_labels=fixed_labels_t,
+        warped_labels=warped_labels,
+        jacobian=jac_matrix,
+    )
+    names = label_names(moving_labels)
+    for row in rows:
+        row["name"] = names.get(int(row["label"]), str(row["label"]))
+    inside = pair.fixed_mask.cpu()
+    add_mr_coverage(rows, warped_labels, inside)
+    if mr_bone is None:
+        return rows, {}
+    bone = image_to_tensor(resample_to_reference(mr_bone, grid, is_label=True)) > 0
+    add_mr_bone_agreement(rows, warped_labels, bone)
+    return rows, mr_bone_summary(warped_labels, bone, inside)
+
+
+def _field_stats(
+    displacement: torch.Tensor,
+    spacing: Sequence[float],
+    inside: torch.Tensor,
+    jac_matrix: torch.Tensor,
+    det: torch.Tensor,
+    rows: list[dict],
+) -> dict:
+    """:func:`.metrics.field_summary` inside the MR's data, with one count of folding: the one the Jacobian map
+    shows, every voxel of the processing grid where det J <= 0 (the table's per-vertebra counts are its share inside
+    each vertebra; with the MR mask, folds in a vertebra beyond the MR's field of view were left out, and the summary
+    disagreed with the table)."""
+    stats = metrics.field_summary(displacement, spacing, mask=inside, jacobian=jac_matrix)
+    stats["folding_voxels"] = int((det <= 0).sum())
+    stats["folding_percent"] = 100.0 * stats["folding_voxels"] / det.numel()
+    stats["folding_voxels_in_vertebrae"] = sum(int(r["folding_voxels"]) for r in rows)
+    return stats
+
+
 def assemble_result(
     pair: ProcessingPair,
     displacement: torch.Tensor,
@@ -376,30 +433,12 @@ def assemble_result(
     jac_matrix = jacobian_matrix(displacement, spacing)  # shared by the det J map and every metric below
     det = determinant(jac_matrix)
     warped_labels_t = warp_labels(labels_t, displacement)
-    fixed_labels_t = None
-    if fixed_labels is not None:
-        fixed_labels_t = image_to_tensor(resample_to_reference(fixed_labels, grid, is_label=True), torch.int64)
-    rows = metrics.vertebra_table(
-        labels_t, displacement, spacing, fixed_labels=fixed_labels_t, warped_labels=warped_labels_t, jacobian=jac_matrix
+    rows, bone_stats = _vertebra_rows(
+        pair, displacement, jac_matrix, warped_labels_t, moving_labels, fixed_labels, mr_bone
     )
-    names = label_names(moving_labels)
-    for row in rows:
-        row["name"] = names.get(int(row["label"]), str(row["label"]))
-    add_mr_coverage(rows, warped_labels_t, inside)
-    bone_stats: dict = {}
-    if mr_bone is not None:
-        bone_t = image_to_tensor(resample_to_reference(mr_bone, grid, is_label=True)) > 0
-        add_mr_bone_agreement(rows, warped_labels_t, bone_t)
-        bone_stats = mr_bone_summary(warped_labels_t, bone_t, inside)
     if landmarks[0] is not None and landmarks[1] is not None:
         add_landmark_errors(rows, composite, *landmarks)
-    field_stats = metrics.field_summary(displacement, spacing, mask=inside, jacobian=jac_matrix)
-    # One count of folding, the one the Jacobian map shows: every voxel of the processing grid where det J <= 0
-    # (the table's per-vertebra counts are its share inside each vertebra; the MR mask above left out folds in a
-    # vertebra beyond the MR's field of view, and the summary disagreed with the table).
-    field_stats["folding_voxels"] = int((det <= 0).sum())
-    field_stats["folding_percent"] = 100.0 * field_stats["folding_voxels"] / det.numel()
-    field_stats["folding_voxels_in_vertebrae"] = sum(int(r["folding_voxels"]) for r in rows)
+    field_stats = _field_stats(displacement, spacing, inside, jac_matrix, det, rows)
     check_plausible(rows, field_stats, settings)
     summary = {
         **metrics.summarize(rows),
