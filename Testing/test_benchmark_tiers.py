@@ -91,6 +91,20 @@ def test_tiny_clinical_case_truth_maps_the_ct_labels_onto_the_mr_labels():
     assert 1.5 < float(ratio) < 2.5  # same motion, scaled
 
 
+@pytest.mark.xfail(
+    reason="issue 18 item 10: a pair in register comes out about 0.5 mm off (the NMI optimum on a thick-slice "
+    "textured MR and the bundled network's own 0.2-0.5 mm, not convergence; issue 18's closing note)",
+    strict=False,
+)
+def test_a_pair_already_in_register_comes_out_within_a_tenth_of_a_mm():
+    case = tiers.clinical_case(0, 4000, None, scale=0.0, tiny=True)
+    methods = [m for m in tiers.tier_methods(3, 1) if m.name == tiers.DEFAULT]
+    if not methods:
+        pytest.skip("the bundled registration model is absent")
+    row = tiers.run_tier([case], methods, "cpu").case_rows[0]
+    assert row["tre_mm_mean"] < 0.1
+
+
 def test_real_mr_levels_and_synthetic_ct(shared_data):
     real = load_real_mr(shared_data)
     assert real.names == {31: "L1", 32: "T12"}
