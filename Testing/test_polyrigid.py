@@ -102,6 +102,23 @@ def test_after_recentring_the_sampled_loss_sees_each_point_where_the_integrated_
     assert float(problem.correction[pure].norm(dim=1).median()) < 0.05
 
 
+def test_the_stages_adam_takes_torchs_adam_steps():
+    from SpineRigidRegLib.polyrigid import _Adam
+
+    ours, theirs = torch.zeros(3, 6, requires_grad=True), torch.zeros(3, 6, requires_grad=True)
+    optimizer, reference = _Adam(ours), torch.optim.Adam([theirs], lr=0.3)
+    target = torch.linspace(-2.0, 2.0, 18).view(3, 6)
+    for rate in (0.3, 0.2, 0.1, 0.05):
+        for parameters in (ours, theirs):
+            parameters.grad = None
+            ((parameters - target) ** 4).sum().backward()
+        optimizer.step(rate)
+        for group in reference.param_groups:
+            group["lr"] = rate
+        reference.step()
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+
+
 def test_weights_are_one_inside_each_vertebra_and_vanish_far_from_the_spine():
     labels = two_vertebrae()
     frames = vertebra_frames(labels, (1.0, 1.0, 1.0), sigma_mm=2.0, margin_mm=1.0)

@@ -426,7 +426,7 @@ class SampledProblem:
         self.fit, self.moving_frames, self.moving, self.moving_mask = fit, frames, moving, moving_mask
         self.step_mm = torch.tensor([float(s) for s in spacing], device=fixed.device)
         self.grid_mm = torch.tensor(frames.spacing, device=fixed.device)
-        voxels = identity_grid(fixed.shape[2:], fixed.device).flatten(2)[0][:, index].T
+        voxels = torch.stack(torch.unravel_index(index, tuple(fixed.shape[2:])), dim=1).float()  # (N, 3) array order
         self.fixed_samples = fixed.flatten()[index].view(1, 1, -1, 1, 1)
         self.similarity = partial(
             SIMILARITY_LOSSES["nmi"],
