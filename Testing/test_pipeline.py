@@ -404,3 +404,24 @@ def test_a_label_guided_network_gets_the_predicted_mr_bone_on_its_grid(phantom, 
     monkeypatch.setattr(pipeline, "predict_mr_bone", lambda fixed, device: None)
     pipeline.register(mr, phantom.ct, phantom.labels, settings=off, network=spy)
     assert float(spy.seen_bone.abs().max()) == 0.0
+
+
+def test_a_ct_with_much_air_around_the_spine_gives_the_same_result_as_the_spine_alone(phantom, network):
+    truth = rotation_about(np.zeros(3), (2.0, 0.0, -3.0), np.array([1.0, -2.0, 0.5]))
+    mr = oblique_mr(phantom, truth)
+    air = float(sitk.GetArrayViewFromImage(phantom.ct).min())
+    wide = sitk.ConstantPad(phantom.ct, (100, 100, 0), (100, 100, 0), air)
+    wide_labels = sitk.ConstantPad(phantom.labels, (100, 100, 0), (100, 100, 0), 0)
+    points = {
+        "fixed_landmarks": landmarks_from(phantom.labels, truth.GetInverse()),
+        "moving_landmarks": landmarks_from(phantom.labels),
+    }
+    alone = pipeline.register(mr, phantom.ct, phantom.labels, settings=FAST, network=network, **points)
+    padded = pipeline.register(mr, wide, wide_labels, settings=FAST, network=network, **points)
+    assert padded.grid == alone.grid
+    difference = sitk.GetArrayViewFromImage(padded.displacement) - sitk.GetArrayViewFromImage(alone.displacement)
+    assert np.abs(difference).max() < 1e-4
+    bone = sitk.GetArrayViewFromImage(alone.warped_labels)
+    assert np.array_equal(sitk.GetArrayViewFromImage(padded.warped_labels), bone) and bone.any()
+    warped = (sitk.GetArrayViewFromImage(r.warped_moving)[bone > 0] for r in (padded, alone))
+    assert np.allclose(*warped, atol=1e-3)

@@ -109,15 +109,61 @@ def validate_labels(labels: object, reference: sitk.Image, name: str = "CT verte
             raise InputError(f"{name} does not overlap its image in physical space")
         log.info("%s is on another grid than its image: resampled by physical position", name)
         labels = resample_to_reference(labels, reference, is_label=True)
-    values = np.unique(sitk.GetArrayViewFromImage(labels))
-    values = values[values > 0]
-    if len(values) == 0:
+    array = sitk.GetArrayViewFromImage(labels)
+    box = labelled_box(array)
+    if box is None:
         raise InputError(f"{name} is empty (no vertebra labelled)")
+    values = np.unique(array[box])  # within the labelled box: a 512 x 512 x 400 map's full sort took seconds
+    values = values[values > 0]
     if len(values) == 1:
         raise InputError(
             f"{name} holds a single vertebra (label {int(values[0])}); give one label per vertebra, at least two"
         )
     return labels
+
+
+def labelled_box(array: np.ndarray) -> tuple[slice, slice, slice] | None:
+    """Array-index slices of the smallest box holding every non-zero voxel of ``array`` (``None``: all zero)."""
+    box = []
+    for axis in range(array.ndim):
+        others = tuple(a for a in range(array.ndim) if a != axis)
+        hits = np.flatnonzero(np.any(array, axis=others))
+        if hits.size == 0:
+            return None
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)
+
+
+#: How far around the labelled vertebrae the CT is kept for computing (mm): the processing grid's margin
+#: (:attr:`..settings.RegistrationSettings.margin_mm`), the automatic pre-alignment's spine region (25 mm) and the
+#: interpolation around them all lie within it.
+COMPUTE_MARGIN_MM = 60.0
+
+
+def crop_to_spine(
+    moving: sitk.Image, moving_labels: sitk.Image, margin_mm: float = COMPUTE_MARGIN_MM
+) -> tuple[sitk.Image, sitk.Image]:
+    """The CT and its labels cut to the labelled vertebrae plus ``margin_mm`` (LPS geometry kept: the cut's
+    origin moves, spacing and direction stay); both unchanged when the cut would keep nearly all of them.
+
+    A whole-body 512 x 512 x 400 CT otherwise makes every stage before the processing grid (the pre-alignment's
+    spine region, its metric, the resampling) work on ten times the voxels it needs.
+    """
+    box = labelled_box(sitk.GetArrayViewFromImage(moving_labels))
+    if box is None:
+        return moving, moving_labels
+    size = moving_labels.GetSize()  # x, y, z
+    spacing = moving_labels.GetSpacing()
+    start, stop = [], []
+    for axis in range(3):
+        along = box[2 - axis]  # the array's axes are z, y, x
+        pad = int(np.ceil(margin_mm / spacing[axis]))
+        start.append(max(along.start - pad, 0))
+        stop.append(min(along.stop + pad, size[axis]))
+    extent = [b - a for a, b in zip(start, stop, strict=True)]
+    if np.prod(extent) > 0.8 * np.prod(size):
+        return moving, moving_labels
+    return sitk.RegionOfInterest(moving, extent, start), sitk.RegionOfInterest(moving_labels, extent, start)
 
 
 def _overlap(a: Geometry, b: Geometry) -> bool:

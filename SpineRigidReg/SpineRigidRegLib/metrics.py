@@ -18,6 +18,7 @@ in the rigid Dice, which compares vertebra ``i`` with itself (see :func:`rigid_d
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -478,6 +479,40 @@ def vertebra_table(
     displacement with ``spacing``) may be passed when the caller has them already. Every per-vertebra sum is one
     ``bincount`` over the grid, so the cost hardly grows with the number of vertebrae.
     """
+    labels, u, step, fixed, truth = _table_inputs(moving_labels, displacement, spacing, fixed_labels, true_displacement)
+    values = _values(labels, label_values)
+    if not values:
+        return []
+    if warped_labels is None:
+        warped = warp_labels(labels, u, label_values=values)
+    else:
+        warped = _labels(warped_labels, "warped labels").to(u.device)
+        _same_grid(warped, u, "warped labels", "displacement")
+    jac = jacobian_matrix(u, step) if jacobian is None else jacobian
+    sums = _vertebra_sums(labels, u, step, warped, jac, fixed, truth, values)
+    moving_boxes, warped_boxes = label_boxes(labels), label_boxes(warped)
+    target = _cached_identity(u.shape[2:], u.device, u.dtype) + u
+    rows: list[dict[str, float | int]] = []
+    for v in values:
+        rigid_dice = (
+            _rigid_dice_one(labels, v, u, step, target, moving_boxes[v], warped_boxes[v])
+            if v in warped_boxes
+            else float("nan")
+        )
+        rows.append(_table_row(v, sums, rigid_dice))
+    return rows
+
+
+def _table_inputs(
+    moving_labels: object,
+    displacement: object,
+    spacing: Sequence[float] | None,
+    fixed_labels: object | None,
+    true_displacement: object | None,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float, float], torch.Tensor | None, torch.Tensor | None]:
+    """:func:`vertebra_table`'s inputs checked and on the displacement's device: ``(1, 1, D, H, W)`` moving labels,
+    ``(1, 3, D, H, W)`` displacement (voxels), spacing (mm, array order), fixed labels and the true displacement
+    (in the displacement's dtype), the last two ``None`` when not given."""
     labels = _labels(moving_labels, "moving labels")
     u = _field(displacement, "displacement")
     _same_grid(labels, u, "moving labels", "displacement")
@@ -491,70 +526,119 @@ def vertebra_table(
     if true_displacement is not None:
         truth = _field(true_displacement, "true displacement").to(u)
         _same_grid(truth, u, "true displacement", "displacement")
-    values = _values(labels, label_values)
-    if not values:
-        return []
-    if warped_labels is None:
-        warped = warp_labels(labels, u, label_values=values)
-    else:
-        warped = _labels(warped_labels, "warped labels").to(u.device)
-        _same_grid(warped, u, "warped labels", "displacement")
-    jac = jacobian_matrix(u, step) if jacobian is None else jacobian
+    return labels, u, step, fixed, truth
+
+
+@dataclass(frozen=True)
+class _VertebraSums:
+    """Per-label sums behind :func:`vertebra_table`, each ``(L,)`` and indexed by label value.
+
+    Attributes:
+        original: Moving vertebra voxels.
+        region: Crisp warped vertebra voxels; the sums below (to ``folded``) run over them.
+        covered: Sum of ``det J`` (the moving volume the warped vertebra covers, in voxels).
+        pc, oc: Sums of ``(det J - 1)^2`` and of the orthonormality residual.
+        displacement_mm: Sum of the displacement length (mm).
+        folded: Voxels with ``det J <= 0``.
+        overlap, fixed_count: Warped vertebra voxels on the same fixed label, and fixed label voxels (with fixed
+            labels only).
+        tre_sum, tre_count: Sum of the error against the true field (mm) over each vertebra's true region, and its
+            voxels (with a true field only).
+    """
+
+    original: torch.Tensor
+    region: torch.Tensor
+    covered: torch.Tensor
+    pc: torch.Tensor
+    oc: torch.Tensor
+    displacement_mm: torch.Tensor
+    folded: torch.Tensor
+    overlap: torch.Tensor | None
+    fixed_count: torch.Tensor | None
+    tre_sum: torch.Tensor | None
+    tre_count: torch.Tensor | None
+
+
+def _vertebra_sums(
+    labels: torch.Tensor,
+    u: torch.Tensor,
+    step: tuple[float, float, float],
+    warped: torch.Tensor,
+    jac: torch.Tensor,
+    fixed: torch.Tensor | None,
+    truth: torch.Tensor | None,
+    values: list[int],
+) -> _VertebraSums:
+    """All of :func:`vertebra_table`'s per-label sums, one ``bincount`` each (``jac``: ``(1, 3, 3, D, H, W)``)."""
     size = max(int(labels.max()), int(warped.max()), int(fixed.max()) if fixed is not None else 0) + 1
     # Every per-vertebra sum runs over the voxels inside a warped vertebra only (a small part of the grid).
     inside = (warped.flatten() > 0).nonzero().flatten()
     owner = warped.flatten()[inside]
     jac_in = jac.flatten(3)[..., inside][..., None, None]  # (1, 3, 3, N, 1, 1)
     det_in = determinant(jac_in).flatten()
+    per_label = functools.partial(_per_owner, owner, size)
+    tre_sum, tre_count = _tre_sums(labels, u, step, truth, values, size) if truth is not None else (None, None)
+    return _VertebraSums(
+        original=torch.bincount(labels.flatten(), minlength=size),
+        region=per_label(),
+        covered=per_label(det_in),
+        pc=per_label((det_in - 1.0) ** 2),
+        oc=per_label(orthonormality_residual(jac_in)),
+        displacement_mm=per_label(_norm_mm(u.flatten(2)[..., inside][..., None, None], step)),
+        folded=per_label(where=det_in <= 0),
+        overlap=per_label(where=fixed.flatten()[inside] == owner) if fixed is not None else None,
+        fixed_count=torch.bincount(fixed.flatten(), minlength=size) if fixed is not None else None,
+        tre_sum=tre_sum,
+        tre_count=tre_count,
+    )
 
-    def per_label(weights: torch.Tensor | None = None, where: torch.Tensor | None = None) -> torch.Tensor:
-        index = owner if where is None else owner[where]
-        if weights is not None:
-            weights = weights.flatten().double()
-            weights = weights if where is None else weights[where]
-        return torch.bincount(index, weights=weights, minlength=size)
 
-    original = torch.bincount(labels.flatten(), minlength=size)
-    region = per_label()
-    covered = per_label(det_in)
-    sums = {
-        "pc": per_label((det_in - 1.0) ** 2),
-        "oc": per_label(orthonormality_residual(jac_in)),
-        "mean_displacement_mm": per_label(_norm_mm(u.flatten(2)[..., inside][..., None, None], step)),
-    }
-    folded = per_label(where=det_in <= 0)
-    overlap = per_label(where=fixed.flatten()[inside] == owner) if fixed is not None else None
-    fixed_count = torch.bincount(fixed.flatten(), minlength=size) if fixed is not None else None
-    if truth is not None:
-        true_flat = warp_labels(labels, truth, label_values=values).flatten()
-        tre_sum = torch.bincount(true_flat, weights=_norm_mm(u - truth, step).flatten().double(), minlength=size)
-        tre_count = torch.bincount(true_flat, minlength=size)
-    moving_boxes, warped_boxes = label_boxes(labels), label_boxes(warped)
-    target = _cached_identity(u.shape[2:], u.device, u.dtype) + u
+def _per_owner(
+    owner: torch.Tensor, size: int, weights: torch.Tensor | None = None, where: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``(size,)`` per-label count (or float64 sum of ``weights``) over the ``N`` voxels whose labels are ``owner``
+    ``(N,)``; ``where`` ``(N,)`` keeps some of them."""
+    index = owner if where is None else owner[where]
+    if weights is not None:
+        weights = weights.flatten().double()
+        weights = weights if where is None else weights[where]
+    return torch.bincount(index, weights=weights, minlength=size)
 
-    def ratio(total: torch.Tensor, count: torch.Tensor, v: int) -> float:
+
+def _tre_sums(
+    labels: torch.Tensor,
+    u: torch.Tensor,
+    step: tuple[float, float, float],
+    truth: torch.Tensor,
+    values: list[int],
+    size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per label: the summed error (mm) against the true field over the vertebra's region in the fixed grid under the
+    true field, and that region's voxels; each ``(size,)``."""
+    true_flat = warp_labels(labels, truth, label_values=values).flatten()
+    tre_sum = torch.bincount(true_flat, weights=_norm_mm(u - truth, step).flatten().double(), minlength=size)
+    return tre_sum, torch.bincount(true_flat, minlength=size)
+
+
+def _table_row(v: int, sums: _VertebraSums, rigid_dice: float) -> dict[str, float | int]:
+    """Vertebra ``v``'s row of :func:`vertebra_table` (columns in the table's order)."""
+
+    def ratio(total: torch.Tensor, count: torch.Tensor) -> float:
         return float("nan") if int(count[v]) == 0 else float(total[v] / count[v])
 
-    rows: list[dict[str, float | int]] = []
-    for v in values:
-        row: dict[str, float | int] = {"label": v, "voxels": int(original[v])}
-        if fixed is not None:
-            total = int(region[v]) + int(fixed_count[v])
-            row["dice"] = float("nan") if total == 0 else 2.0 * int(overlap[v]) / total
-        row["rigid_dice"] = (
-            _rigid_dice_one(labels, v, u, step, target, moving_boxes[v], warped_boxes[v])
-            if v in warped_boxes
-            else float("nan")
-        )
-        row["volume_change_percent"] = _volume_change(int(original[v]), int(region[v]), float(covered[v]))
-        row["pc"] = ratio(sums["pc"], region, v)
-        row["oc"] = ratio(sums["oc"], region, v)
-        row["folding_voxels"] = int(folded[v])
-        row["mean_displacement_mm"] = ratio(sums["mean_displacement_mm"], region, v)
-        if truth is not None:
-            row["tre_mm"] = ratio(tre_sum, tre_count, v)
-        rows.append(row)
-    return rows
+    row: dict[str, float | int] = {"label": v, "voxels": int(sums.original[v])}
+    if sums.overlap is not None and sums.fixed_count is not None:
+        total = int(sums.region[v]) + int(sums.fixed_count[v])
+        row["dice"] = float("nan") if total == 0 else 2.0 * int(sums.overlap[v]) / total
+    row["rigid_dice"] = rigid_dice
+    row["volume_change_percent"] = _volume_change(int(sums.original[v]), int(sums.region[v]), float(sums.covered[v]))
+    row["pc"] = ratio(sums.pc, sums.region)
+    row["oc"] = ratio(sums.oc, sums.region)
+    row["folding_voxels"] = int(sums.folded[v])
+    row["mean_displacement_mm"] = ratio(sums.displacement_mm, sums.region)
+    if sums.tre_sum is not None and sums.tre_count is not None:
+        row["tre_mm"] = ratio(sums.tre_sum, sums.tre_count)
+    return row
 
 
 def summarize(

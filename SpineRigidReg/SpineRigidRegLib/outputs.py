@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -51,33 +52,15 @@ def write_outputs(
         "qa": "qa.png",
     }
     try:
-        sitk.WriteImage(result.warped_moving, str(staging / names["warped_ct"]), True)
-        sitk.WriteImage(result.warped_labels, str(staging / names["warped_labels"]), True)
-        sitk.WriteImage(result.jacobian, str(staging / names["jacobian"]), True)
-        sitk.WriteImage(compact_field(result.displacement), str(staging / names["displacement"]), True)
-        sitk.WriteImage(compact_field(result.total_displacement()), str(staging / names["total_displacement"]), True)
-        sitk.WriteTransform(result.transform, str(staging / names["transform"]))
-        sitk.WriteTransform(result.inverse_transform(), str(staging / names["inverse_transform"]))
-        sitk.WriteTransform(
-            Prealignment(result.prealign, result.prealign_method).transform(), str(staging / names["prealign"])
-        )
-        write_rows_csv(result.vertebrae, staging / names["vertebrae_csv"])
-        with open(staging / names["vertebrae_json"], "w", encoding="utf-8") as stream:
-            json.dump(
-                {
-                    "vertebrae": result.vertebrae,
-                    "rigid_transforms_lps": {str(k): v.tolist() for k, v in result.vertebra_rigid_transforms.items()},
-                },
-                stream,
-                indent=2,
-                default=_json_default,
-            )
-        with open(staging / names["summary"], "w", encoding="utf-8") as stream:
-            json.dump({**result.summary, "timings_s": result.timings}, stream, indent=2, default=_json_default)
-        save_qa_figure(result, staging / names["qa"], fixed=result.fixed)
-        if result.mr_vertebrae is not None:
-            names["mr_vertebrae"] = "mr_vertebrae_predicted.nii.gz"
-            sitk.WriteImage(result.mr_vertebrae, str(staging / names["mr_vertebrae"]), True)
+        with ThreadPoolExecutor(max_workers=WRITERS) as pool:
+            # ITK compresses and writes without holding the GIL: the images go out while the QA figure is drawn.
+            if result.mr_vertebrae is not None:
+                names["mr_vertebrae"] = "mr_vertebrae_predicted.nii.gz"
+            jobs = [pool.submit(_write_image, result, key, staging / names[key]) for key in _IMAGES if key in names]
+            _write_tables(result, staging, names)
+            save_qa_figure(result, staging / names["qa"], fixed=result.fixed)
+            for job in jobs:
+                job.result()
         paths = {}
         for key, name in names.items():
             os.replace(staging / name, out_dir / name)
@@ -85,6 +68,32 @@ def write_outputs(
         return paths
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+#: Threads writing the image files (compression is most of their time).
+WRITERS = 2
+
+
+def _write_tables(result: RegistrationResult, staging: Path, names: dict[str, str]) -> None:
+    """The transforms, the per-vertebra table (CSV and JSON) and the summary."""
+    sitk.WriteTransform(result.transform, str(staging / names["transform"]))
+    sitk.WriteTransform(result.inverse_transform(), str(staging / names["inverse_transform"]))
+    sitk.WriteTransform(
+        Prealignment(result.prealign, result.prealign_method).transform(), str(staging / names["prealign"])
+    )
+    write_rows_csv(result.vertebrae, staging / names["vertebrae_csv"])
+    with open(staging / names["vertebrae_json"], "w", encoding="utf-8") as stream:
+        json.dump(
+            {
+                "vertebrae": result.vertebrae,
+                "rigid_transforms_lps": {str(k): v.tolist() for k, v in result.vertebra_rigid_transforms.items()},
+            },
+            stream,
+            indent=2,
+            default=_json_default,
+        )
+    with open(staging / names["summary"], "w", encoding="utf-8") as stream:
+        json.dump({**result.summary, "timings_s": result.timings}, stream, indent=2, default=_json_default)
 
 
 #: Steps per mm of the displacement images as written (the transform files keep the exact float64 field).
@@ -100,6 +109,21 @@ def compact_field(field: sitk.Image) -> sitk.Image:
     out = sitk.GetImageFromArray(rounded, isVector=True)
     out.CopyInformation(field)
     return out
+
+
+#: The image outputs: name -> how to get the image from the result (each written on a worker thread).
+_IMAGES = {
+    "warped_ct": lambda result: result.warped_moving,
+    "warped_labels": lambda result: result.warped_labels,
+    "jacobian": lambda result: result.jacobian,
+    "displacement": lambda result: compact_field(result.displacement),
+    "total_displacement": lambda result: compact_field(result.total_displacement()),
+    "mr_vertebrae": lambda result: result.mr_vertebrae,
+}
+
+
+def _write_image(result: RegistrationResult, key: str, path: Path) -> None:
+    sitk.WriteImage(_IMAGES[key](result), str(path), True)
 
 
 def _json_default(value: object) -> object:

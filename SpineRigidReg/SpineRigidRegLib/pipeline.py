@@ -4,6 +4,7 @@ The command line, the Slicer module and the benchmark all call :func:`register` 
 grid, :func:`register_prealigned`). :func:`register` reads top to bottom as its stages:
 
 1. :func:`.inputs.validate_intensity_image` / :func:`.inputs.validate_labels`: one-line errors before any compute;
+   :func:`.inputs.crop_to_spine`: the stages see the CT around its labelled vertebrae only;
 2. :func:`find_mr_bone`: the MR segmentation network's bone probability (an output, a QA check, and the input of
    a label-guided network);
 3. :func:`prealign_stage`: rigid pre-alignment (MR points, the predicted MR bone, or the automatic search);
@@ -32,7 +33,7 @@ from .checkpoint import card_sha256, load_bundled_network, load_network, select_
 from .data.vertebrae import label_names
 from .errors import CancelledError
 from .geometry import Geometry, displacement_field_image, image_to_tensor, tensor_to_image
-from .inputs import finite_copy, validate_image, validate_intensity_image, validate_labels
+from .inputs import crop_to_spine, finite_copy, validate_image, validate_intensity_image, validate_labels
 from .jacobian import determinant, jacobian_matrix
 from .network import RegistrationNet
 from .outputs import write_outputs
@@ -233,6 +234,7 @@ def register(
     fixed = validate_intensity_image(fixed, "MR (fixed) image")
     moving = validate_intensity_image(moving, "CT (moving) image")
     moving_labels = validate_labels(moving_labels, moving)
+    ct, ct_labels = crop_to_spine(moving, moving_labels)  # what the stages compute on; the output warps all the CT
     if fixed_labels is not None:
         fixed_labels = validate_labels(fixed_labels, fixed, name="MR vertebra label map")
     net = resolve_network(settings, network)
@@ -250,7 +252,7 @@ def register(
 
     t = time.perf_counter()
     pre = prealign_stage(
-        fixed, moving, moving_labels, fixed_landmarks, moving_landmarks, settings, mr_bone, _report(progress, 0.05, 0.2)
+        fixed, ct, ct_labels, fixed_landmarks, moving_landmarks, settings, mr_bone, _report(progress, 0.05, 0.2)
     )
     timings["prealign"] = time.perf_counter() - t
     _check_cancel(should_cancel)
@@ -258,10 +260,10 @@ def register(
     t = time.perf_counter()
     if progress:
         progress(0.2, "resampling to the processing grid")
-    grid = processing_grid(Geometry.of(fixed), moving_labels, pre, settings, net.config.required_multiple)
+    grid = processing_grid(Geometry.of(fixed), ct_labels, pre, settings, net.config.required_multiple)
     check_memory(grid, device)
     network_bone = bone_probability if net.config.use_fixed_bone else None
-    pair = to_processing_grid(fixed, moving, moving_labels, pre, grid, network_bone, point_pairs)
+    pair = to_processing_grid(fixed, ct, ct_labels, pre, grid, network_bone, point_pairs)
     timings["preprocess"] = time.perf_counter() - t
     _check_cancel(should_cancel)
 
@@ -282,7 +284,7 @@ def register(
         velocity.detach().cpu(),
         fixed,
         moving,
-        moving_labels,
+        ct_labels,
         net,
         settings,
         fixed_labels=fixed_labels,

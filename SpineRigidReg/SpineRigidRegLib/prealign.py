@@ -315,6 +315,8 @@ def _mattes_mi(
     """Multi-resolution Mattes-MI registration of ``moving`` onto ``fixed`` from ``initial`` (fixed -> moving)."""
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    if np.prod(moving.GetSize()) > GRADIENT_FILTER_MAX_VOXELS:
+        _gradients_at_samples(method)
     # The coarsest level keeps at least 24 voxels along the shortest axis.
     factors = [f for f in (4, 2) if min(fixed.GetSize()) / f >= 24] + [1]
     voxels = float(np.prod(fixed.GetSize()))
@@ -353,6 +355,24 @@ def _mattes_mi(
     return method.Execute(fixed, moving)
 
 
+#: CT voxels beyond which the pre-alignment's registrations take image gradients where they sample (see
+#: :func:`_gradients_at_samples`).
+GRADIENT_FILTER_MAX_VOXELS = 12_000_000
+
+
+def _gradients_at_samples(method: sitk.ImageRegistrationMethod) -> None:
+    """Image gradients computed where the metric samples instead of filtered over the whole images.
+
+    ITK's default smooths the full-resolution images into 3-vector images at every level: 96 of the 107 s of the
+    pre-alignment on a 512 x 512 x 400 CT (already cut to the spine), and time for nothing where only the metric's
+    value is asked for. The registrations of CTs up to :data:`GRADIENT_FILTER_MAX_VOXELS` keep the filtered
+    gradients: on the clinical tier's 1 mm CTs (8 M voxels) the unfiltered ones left the final result 0.09 mm
+    further from the truth on average.
+    """
+    method.SetMetricUseFixedImageGradientFilter(False)
+    method.SetMetricUseMovingImageGradientFilter(False)
+
+
 def _report_stage(
     progress: Callable[[float, str], None] | None, start: float, end: float
 ) -> Callable[[float, str], None] | None:
@@ -371,6 +391,7 @@ def _mutual_information(
     """Mattes MI metric value (lower is better) of ``transform``, sampled inside the given masks."""
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    _gradients_at_samples(method)  # the value does not depend on them
     if fixed_mask is not None:
         method.SetMetricFixedMask(fixed_mask)
     if moving_mask is not None:

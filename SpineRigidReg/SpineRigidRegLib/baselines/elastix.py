@@ -34,6 +34,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import numpy as np
 import SimpleITK as sitk
@@ -278,6 +279,39 @@ def register_elastix(
         ImportError: ``itk-elastix`` is not installed.
         RuntimeError: elastix failed (its last log lines are in the message).
     """
+    _check_inputs(fixed, moving, moving_labels, settings)
+    itk = _itk()
+    _raise_if_cancelled(should_cancel)
+    if progress:
+        progress(0.0, "elastix" + (" + rigidity penalty" if settings.rigidity_penalty else ""))
+    if settings.threads is not None:
+        itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(int(settings.threads))
+    work = tempfile.mkdtemp(prefix="srr-elastix-")
+    try:
+        pm, lps, runtime_s, timings = _run_elastix(itk, work, fixed, moving, moving_labels, settings, moving_mask)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    geometry = Geometry.of(fixed)
+    if lps.shape != (*geometry.shape, 3):
+        raise RuntimeError(f"transformix returned a field of shape {lps.shape}, expected {(*geometry.shape, 3)}")
+    displacement = displacement_from_lps(torch.from_numpy(lps).permute(3, 0, 1, 2)[None], geometry).float()
+    _raise_if_cancelled(should_cancel)
+    if progress:
+        progress(1.0, "elastix done")
+    shown = {k: v for k, v in pm.items() if k != "MovingRigidityImageName"}
+    return ElastixResult(
+        displacement=displacement,
+        geometry=geometry,
+        runtime_s=runtime_s,
+        parameter_map=shown,
+        timings=timings,
+    )
+
+
+def _check_inputs(
+    fixed: sitk.Image, moving: sitk.Image, moving_labels: sitk.Image | None, settings: ElastixSettings
+) -> None:
+    """Both images 3D scalar SimpleITK images; the vertebra labels present when the penalty needs them."""
     for name, image in (("fixed", fixed), ("moving", moving)):
         if not isinstance(image, sitk.Image):
             raise TypeError(f"{name} must be a SimpleITK image, got {type(image).__name__}")
@@ -285,64 +319,71 @@ def register_elastix(
             raise InputError(f"the {name} image must be a 3D scalar image")
     if settings.rigidity_penalty and moving_labels is None:
         raise InputError("the elastix rigidity penalty needs the CT vertebra label map")
-    itk = _itk()
+
+
+def _raise_if_cancelled(should_cancel: Callable[[], bool] | None) -> None:
     if should_cancel is not None and should_cancel():
         raise CancelledError("elastix registration cancelled")
-    if progress:
-        progress(0.0, "elastix" + (" + rigidity penalty" if settings.rigidity_penalty else ""))
-    if settings.threads is not None:
-        itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(int(settings.threads))
-    work = tempfile.mkdtemp(prefix="srr-elastix-")
+
+
+def _run_elastix(
+    itk: ModuleType,
+    work: str,
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    moving_labels: sitk.Image | None,
+    settings: ElastixSettings,
+    moving_mask: sitk.Image | None,
+) -> tuple[dict[str, list[str]], np.ndarray, float, dict[str, float]]:
+    """Run elastix, then transformix, in the folder ``work`` (the rigidity image and the logs go there).
+
+    Returns:
+        The parameter map; transformix's deformation field ``(D, H, W, 3)`` float64 on the fixed grid (LPS mm,
+        fixed point -> moving point); the time (s) of both, and of each (``registration``, ``field``).
+    """
+    rigidity_path = None
+    if settings.rigidity_penalty:
+        rigidity_path = os.path.join(work, "moving_rigidity.mha")
+        sitk.WriteImage(rigidity_image(moving_labels, moving), rigidity_path)
+    pm = parameter_map(settings, rigidity_path)
+    fixed_itk, moving_itk = sitk_to_itk(fixed), sitk_to_itk(moving)
+    parameters = itk.ParameterObject.New()
+    parameters.AddParameterMap(pm)
+    start = time.perf_counter()
+    method = _registration(itk, work, fixed_itk, moving_itk, parameters, moving_mask)
+    registered = time.perf_counter()
+    lps = _deformation_field(itk, work, moving_itk, method)
+    end = time.perf_counter()
+    return pm, lps, end - start, {"registration": registered - start, "field": end - registered}
+
+
+def _registration(itk: ModuleType, work: str, fixed_itk, moving_itk, parameters, moving_mask: sitk.Image | None):
+    """elastix's registration method for the ``itk`` images, run (its log in ``work/elastix.log``)."""
+    method = itk.ElastixRegistrationMethod.New(fixed_itk, moving_itk)
+    if moving_mask is not None:
+        method.SetMovingMask(sitk_to_itk(sitk.Cast(moving_mask != 0, sitk.sitkUInt8), np.uint8))
+    method.SetParameterObject(parameters)
+    method.SetLogToConsole(False)
+    method.SetLogToFile(True)
+    method.SetOutputDirectory(work)
     try:
-        rigidity_path = None
-        if settings.rigidity_penalty:
-            rigidity_path = os.path.join(work, "moving_rigidity.mha")
-            sitk.WriteImage(rigidity_image(moving_labels, moving), rigidity_path)
-        pm = parameter_map(settings, rigidity_path)
-        fixed_itk, moving_itk = sitk_to_itk(fixed), sitk_to_itk(moving)
-        parameters = itk.ParameterObject.New()
-        parameters.AddParameterMap(pm)
-        start = time.perf_counter()
-        method = itk.ElastixRegistrationMethod.New(fixed_itk, moving_itk)
-        if moving_mask is not None:
-            method.SetMovingMask(sitk_to_itk(sitk.Cast(moving_mask != 0, sitk.sitkUInt8), np.uint8))
-        method.SetParameterObject(parameters)
-        method.SetLogToConsole(False)
-        method.SetLogToFile(True)
-        method.SetOutputDirectory(work)
-        try:
-            method.UpdateLargestPossibleRegion()
-        except RuntimeError as error:
-            raise RuntimeError(f"elastix failed: {_log_tail(work) or error}") from None
-        registered = time.perf_counter()
-        # transformix writes its field file into the working folder (the convenience function would use the cwd).
-        transformix = itk.TransformixFilter.New(moving_itk)
-        transformix.SetTransformParameterObject(method.GetTransformParameterObject())
-        transformix.SetComputeDeformationField(True)
-        transformix.SetOutputDirectory(work)
-        transformix.SetLogToConsole(False)
-        transformix.UpdateLargestPossibleRegion()
-        field_itk = transformix.GetOutputDeformationField()
-        lps = np.asarray(itk.GetArrayFromImage(field_itk), dtype=np.float64)  # (D, H, W, 3) LPS mm
-        end = time.perf_counter()
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    geometry = Geometry.of(fixed)
-    if lps.shape != (*geometry.shape, 3):
-        raise RuntimeError(f"transformix returned a field of shape {lps.shape}, expected {(*geometry.shape, 3)}")
-    displacement = displacement_from_lps(torch.from_numpy(lps).permute(3, 0, 1, 2)[None], geometry).float()
-    if should_cancel is not None and should_cancel():
-        raise CancelledError("elastix registration cancelled")
-    if progress:
-        progress(1.0, "elastix done")
-    shown = {k: v for k, v in pm.items() if k != "MovingRigidityImageName"}
-    return ElastixResult(
-        displacement=displacement,
-        geometry=geometry,
-        runtime_s=end - start,
-        parameter_map=shown,
-        timings={"registration": registered - start, "field": end - registered},
-    )
+        method.UpdateLargestPossibleRegion()
+    except RuntimeError as error:
+        raise RuntimeError(f"elastix failed: {_log_tail(work) or error}") from None
+    return method
+
+
+def _deformation_field(itk: ModuleType, work: str, moving_itk, method) -> np.ndarray:
+    """transformix's deformation field of ``method``'s result: ``(D, H, W, 3)`` float64, LPS mm, fixed grid."""
+    # transformix writes its field file into the working folder (the convenience function would use the cwd).
+    transformix = itk.TransformixFilter.New(moving_itk)
+    transformix.SetTransformParameterObject(method.GetTransformParameterObject())
+    transformix.SetComputeDeformationField(True)
+    transformix.SetOutputDirectory(work)
+    transformix.SetLogToConsole(False)
+    transformix.UpdateLargestPossibleRegion()
+    field_itk = transformix.GetOutputDeformationField()
+    return np.asarray(itk.GetArrayFromImage(field_itk), dtype=np.float64)
 
 
 def _log_tail(folder: str, lines: int = 4) -> str:

@@ -481,6 +481,7 @@ def _speed_section(speed: Mapping, rel: str) -> list[str]:
             f"| network + integration at {' x '.join(str(g) for g in grid['grid'])} voxels: peak memory (MB) / "
             f"time (s) on {grid['device']} | {grid['peak_memory_mb']:.0f} / {grid['seconds']:.1f} |"
         )
+    lines += _scenario_lines(speed)
     lines += [
         "",
         "The `outputs` stage warps the CT and its labels into the MR's geometry and computes the inverse field, the "
@@ -490,6 +491,38 @@ def _speed_section(speed: Mapping, rel: str) -> list[str]:
         f"Command: `{speed.get('command', 'srr-benchmark --speed')}` ({speed.get('date_utc', '')}).",
         "",
     ]
+    return lines
+
+
+#: Stages shown per scenario (the rest are in speed.json).
+SPEED_STAGES = ("mr_segmentation", "prealign", "preprocess", "network", "vertebra_rigid", "outputs")
+
+
+def _scenario_lines(speed: Mapping) -> list[str]:
+    """Issue 16's situations: registration time (load to result) against its goal, the stages, peak memory."""
+    scenarios = speed.get("scenarios", [])
+    if not scenarios:
+        return []
+    head = " | ".join(f"`{s}`" for s in SPEED_STAGES)
+    lines = [
+        "",
+        "Issue 16's situations (same process, each after a warm-up; registration = load to result, without writing "
+        "files; goal: issue 16's target on 2 cores):",
+        "",
+        f"| situation | registration s | goal s | {head} | peak memory MB |",
+        "|---|---|---|" + "---|" * len(SPEED_STAGES) + "---|",
+    ]
+    for row in scenarios:
+        goal = "-" if row.get("goal_s") is None else f"{row['goal_s']:g}"
+        stages = " | ".join(f"{row['stages_s'].get(s, 0.0):.2f}" for s in SPEED_STAGES)
+        lines.append(
+            f"| {row['name']} | {row['registration_s']:.2f} | {goal} | {stages} | {row['peak_memory_mb']:.0f} |"
+        )
+    if speed.get("command_s") is not None:
+        lines.append(
+            f"| the whole `srr-register --sample` command (new interpreter, imports, files written) | "
+            f"{speed['command_s']:.2f} | {speed.get('command_goal_s', '-')} |" + " |" * len(SPEED_STAGES) + " |"
+        )
     return lines
 
 

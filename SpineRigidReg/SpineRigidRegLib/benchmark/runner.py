@@ -605,106 +605,6 @@ def run_benchmark(
 # ---------------------------------------------------------------------------------------------------- speed
 
 
-def speed_benchmark(
-    device: str = "cpu",
-    elastix: ElastixSettings | None = None,
-    shape: Sequence[int] = (192, 160, 160),
-    memory_grid: int | None = 256,
-    seed: int = 7,
-    progress: ProgressCallback | None = None,
-) -> dict:
-    """Speed figures of the whole pipeline (issue 4): one ``srr-register`` run without refinement on a 1 mm crop of
-    ``shape`` (array order), its stage timings, elastix with the rigidity penalty on the same pair, and the peak
-    memory of the network at a ``memory_grid``^3 processing grid.
-
-    Without the bundled model an untrained network of the default architecture is timed (the weights do not change
-    the cost); the result says which.
-
-    Returns:
-        A JSON-friendly dict.
-    """
-    from ..data.phantom import make_phantom
-    from ..data.synthesis import synthesize_pair
-    from ..network import NetworkConfig, RegistrationNet
-    from ..pipeline import ProcessingPair, register, register_prealigned, resolve_network
-
-    def report(fraction: float, message: str) -> None:
-        if progress:
-            progress(fraction, message)
-
-    report(0.0, "speed: building the pair")
-    phantom = make_phantom(num_vertebrae=5, shape=tuple(shape), curvature_deg=20.0, seed=seed)
-    pair = synthesize_pair(phantom.ct, phantom.labels, seed=seed, tissues=phantom.tissues)
-    if bundled_model_available():
-        network = resolve_network(make_settings(device=device), None)
-        weights = "bundled model"
-    else:
-        network = RegistrationNet(NetworkConfig()).to(torch.device(device if device != "auto" else "cpu")).eval()
-        weights = "untrained network of the default architecture (bundled model absent)"
-    torch_device = next(network.parameters()).device
-    settings = make_settings(device=str(torch_device), refine_steps=0)
-    landmarks = named_centroids(pair.fixed_labels)
-    report(0.1, "speed: srr-register pipeline")
-    register(
-        pair.fixed, pair.moving, pair.moving_labels, fixed_landmarks=landmarks, settings=settings, network=network
-    )  # warm-up (first-call allocations, kernel selection)
-    forget_predictions()  # a first registration of this MR: it is segmented again
-    with PeakMemory(torch_device) as memory:
-        start = time.perf_counter()
-        result = register(
-            pair.fixed, pair.moving, pair.moving_labels, fixed_landmarks=landmarks, settings=settings, network=network
-        )
-        wall = time.perf_counter() - start
-    out: dict = {
-        "input_shape": list(shape),
-        "processing_grid": list(result.grid.shape),
-        "device": str(torch_device),
-        "threads": torch.get_num_threads(),
-        "weights": weights,
-        "pipeline_s": wall,
-        "stages_s": {k: float(v) for k, v in result.timings.items()},
-        "pipeline_peak_memory_mb": memory.peak_mb,
-    }
-    report(0.4, "speed: elastix + rigidity penalty on the same pair")
-    elastix = elastix or ElastixSettings(rigidity_penalty=True)
-    is_available()  # import itk outside the measurement
-    with PeakMemory("cpu") as memory:
-        staring = register_elastix(pair.fixed, pair.moving, pair.moving_labels, elastix)
-    out["elastix_s"] = staring.runtime_s
-    out["elastix_peak_memory_mb"] = memory.peak_mb
-    out["elastix_threads"] = elastix.threads or os.cpu_count()
-    out["elastix_iterations"] = (
-        list(elastix.iterations)
-        if isinstance(elastix.iterations, Sequence)
-        else [elastix.iterations] * elastix.resolutions
-    )
-    registration = result.timings["total"] - result.timings.get("outputs", 0.0)
-    out["registration_s"] = registration
-    out["speedup_vs_elastix"] = staring.runtime_s / wall if wall > 0 else math.nan
-    out["registration_speedup_vs_elastix"] = staring.runtime_s / registration if registration > 0 else math.nan
-    if memory_grid:
-        report(0.8, f"speed: network at {memory_grid}^3")
-        n = int(memory_grid)
-        generator = torch.Generator().manual_seed(seed)
-        fixed = torch.rand((1, 1, n, n, n), generator=generator)
-        moving = torch.rand((1, 1, n, n, n), generator=generator)
-        labels = torch.zeros((1, 1, n, n, n), dtype=torch.int64)
-        for index in range(4):
-            labels[:, :, 40 + 45 * index : 70 + 45 * index, 100:150, 100:150] = 20 + index
-        with PeakMemory(torch_device) as memory:
-            start = time.perf_counter()
-            register_prealigned(ProcessingPair(fixed, moving, labels, (1.0, 1.0, 1.0)), network, settings)
-            seconds = time.perf_counter() - start
-        out["grid_memory"] = {
-            "grid": [n, n, n],
-            "peak_memory_mb": memory.peak_mb,
-            "seconds": seconds,
-            "device": str(torch_device),
-        }
-    report(1.0, "speed: done")
-    return out
-
-
 __all__ = [
     "BUNDLED",
     "BUNDLED_AUTOMATIC",
@@ -724,5 +624,4 @@ __all__ = [
     "read_manifest",
     "run_benchmark",
     "run_method",
-    "speed_benchmark",
 ]

@@ -18,11 +18,15 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import InputError
 from ..training.manifest import MANIFEST_NAME, load_manifest, write_manifest
 from .common import add_common_arguments, run_command
 from .train import resolve_config
+
+if TYPE_CHECKING:
+    from ..training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -81,16 +85,9 @@ def run_ablation(
     progress: bool = True,
 ) -> dict:
     """Run the ablation (see the module docstring) and return the manifest (also written to ``out``)."""
-    from ..checkpoint import read_checkpoint
     from ..training.config import TrainConfig
-    from ..training.trainer import BEST_CHECKPOINT, LAST_CHECKPOINT, train
 
-    rows = list(TABLE1) if not rows else list(dict.fromkeys(rows))
-    unknown = [r for r in rows if r not in TABLE1]
-    if unknown:
-        raise InputError(f"unknown ablation row(s) {unknown}; choose from {list(TABLE1)}")
-    if not 0.0 < milestone <= 1.0:
-        raise InputError(f"--milestone must be in (0, 1], got {milestone}")
+    rows = _checked_rows(rows, milestone)
     base_path = resolve_config(base_config)
     base = TrainConfig.from_yaml(base_path).override(name="baseline")
     if baseline_steps is not None:
@@ -100,47 +97,93 @@ def run_ablation(
     fine_steps = finetune_steps if finetune_steps is not None else max(total - milestone_step, 1)
     row_configs = {name: TrainConfig.from_yaml(resolve_config(name)) for name in rows if name != "baseline"}
     out.mkdir(parents=True, exist_ok=True)
-    walls: dict[str, float] = {}
+    options = {"device": device, "progress": progress, "threads": threads}
+    walls = {"baseline": _train_baseline(base, out, milestone_step, resume, options)}
+    for name, row in row_configs.items():
+        walls[name] = _fine_tune(base, name, row, out, fine_steps, resume, options)
+    manifest_rows, identity = _manifest_rows(out, ["baseline", *row_configs], walls)
+    manifest = {
+        "base_config": str(base_path),
+        "milestone_step": milestone_step,
+        "baseline_steps": total,
+        "finetune_steps": fine_steps,
+        "identity": identity,
+        "rows": manifest_rows,
+    }
+    write_manifest(out, manifest)
+    return load_manifest(out / MANIFEST_NAME)
+
+
+def _checked_rows(rows: list[str] | None, milestone: float) -> list[str]:
+    """The rows to run (all of :data:`TABLE1` when none are named, duplicates dropped); checks the milestone too."""
+    rows = list(TABLE1) if not rows else list(dict.fromkeys(rows))
+    unknown = [r for r in rows if r not in TABLE1]
+    if unknown:
+        raise InputError(f"unknown ablation row(s) {unknown}; choose from {list(TABLE1)}")
+    if not 0.0 < milestone <= 1.0:
+        raise InputError(f"--milestone must be in (0, 1], got {milestone}")
+    return rows
+
+
+def _milestone_path(out: Path) -> Path:
+    """The baseline checkpoint every other row is fine-tuned from."""
+    return out / "baseline" / "milestone.pt"
+
+
+def _train_baseline(base: TrainConfig, out: Path, milestone_step: int, resume: bool, options: dict) -> float:
+    """Train the baseline to ``milestone_step`` (kept as :func:`_milestone_path`), then on to its full length.
+
+    ``options`` are :func:`..training.trainer.train`'s ``device``, ``progress`` and ``threads``. Returns the wall
+    time (s).
+    """
+    from ..training.trainer import LAST_CHECKPOINT, train
 
     baseline_dir = out / "baseline"
-    milestone_path = baseline_dir / "milestone.pt"
+    milestone_path = _milestone_path(out)
     start = time.perf_counter()
     if not milestone_path.is_file():
-        train(
-            base.override(schedule={"steps": milestone_step}),
-            baseline_dir,
-            resume=resume,
-            device=device,
-            progress=progress,
-            threads=threads,
-        )
+        train(base.override(schedule={"steps": milestone_step}), baseline_dir, resume=resume, **options)
         shutil.copyfile(baseline_dir / LAST_CHECKPOINT, milestone_path)
-    train(base, baseline_dir, resume=True, device=device, progress=progress, threads=threads)
-    walls["baseline"] = time.perf_counter() - start
+    train(base, baseline_dir, resume=True, **options)
+    return time.perf_counter() - start
 
-    for name, row in row_configs.items():
-        start = time.perf_counter()
-        config = base.override(
-            name=name,
-            loss=asdict(row.loss),
-            schedule={
-                "steps": fine_steps,
-                "init_from": str(milestone_path),
-                "seed": row.schedule.seed,
-                "select_by": row.schedule.select_by,
-            },
-        )
-        train(config, out / name, resume=resume, device=device, progress=progress, threads=threads)
-        walls[name] = time.perf_counter() - start
 
-    manifest_rows = []
+def _fine_tune(
+    base: TrainConfig, name: str, row: TrainConfig, out: Path, steps: int, resume: bool, options: dict
+) -> float:
+    """Train row ``name`` for ``steps`` from the milestone: the baseline config with the row's loss weights, seed and
+    selection figure. Returns the wall time (s)."""
+    from ..training.trainer import train
+
+    start = time.perf_counter()
+    config = base.override(
+        name=name,
+        loss=asdict(row.loss),
+        schedule={
+            "steps": steps,
+            "init_from": str(_milestone_path(out)),
+            "seed": row.schedule.seed,
+            "select_by": row.schedule.select_by,
+        },
+    )
+    train(config, out / name, resume=resume, **options)
+    return time.perf_counter() - start
+
+
+def _manifest_rows(out: Path, names: list[str], walls: dict[str, float]) -> tuple[list[dict], dict]:
+    """One manifest row per trained row, read from its best checkpoint, and the identity (initial) figures of the
+    first checkpoint that holds them."""
+    from ..checkpoint import read_checkpoint
+    from ..training.config import TrainConfig
+    from ..training.trainer import BEST_CHECKPOINT
+
+    rows = []
     identity: dict = {}
-    for name in ["baseline", *row_configs]:
-        best = out / name / BEST_CHECKPOINT
-        payload = read_checkpoint(best)
+    for name in names:
+        payload = read_checkpoint(out / name / BEST_CHECKPOINT)
         identity = identity or dict(payload.get("identity", {}))
         loss = TrainConfig.from_dict(payload["train_config"]).loss
-        manifest_rows.append(
+        rows.append(
             {
                 "name": name,
                 "label": TABLE1[name],
@@ -152,16 +195,7 @@ def run_ablation(
                 "wall_time_s": round(walls.get(name, 0.0), 1),
             }
         )
-    manifest = {
-        "base_config": str(base_path),
-        "milestone_step": milestone_step,
-        "baseline_steps": total,
-        "finetune_steps": fine_steps,
-        "identity": identity,
-        "rows": manifest_rows,
-    }
-    write_manifest(out, manifest)
-    return load_manifest(out / MANIFEST_NAME)
+    return rows, identity
 
 
 def _run(args: argparse.Namespace) -> int:

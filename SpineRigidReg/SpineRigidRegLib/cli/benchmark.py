@@ -110,8 +110,8 @@ def _run(args: argparse.Namespace) -> int:
         KIND_MODEL,
         default_methods,
         run_benchmark,
-        speed_benchmark,
     )
+    from ..benchmark.speed import speed_benchmark
 
     if args.cases < 1 or args.elastix_iterations < 1:
         raise InputError("--cases and --elastix-iterations must be >= 1")
@@ -136,6 +136,7 @@ def _run(args: argparse.Namespace) -> int:
                 shape=args.speed_shape,
                 memory_grid=args.memory_grid or None,
                 progress=progress,
+                shared_data=args.shared_data,
             )
         speed["command"] = report.command_line()
         speed["date_utc"] = report.machine_info()["date_utc"]

@@ -34,7 +34,17 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog="Example: srr-register --fixed mr.nii.gz --moving ct.nii.gz --moving-labels ct_seg.nii.gz --out result/",
     )
-    inputs = parser.add_argument_group("inputs (NIfTI, NRRD, MHA or a DICOM folder)")
+    _add_input_arguments(parser.add_argument_group("inputs (NIfTI, NRRD, MHA or a DICOM folder)"))
+    options = parser.add_argument_group("options (a preset, then a --config file, then the flags below)")
+    _add_settings_arguments(options)
+    _add_stage_arguments(options)
+    _add_vertebra_arguments(options)
+    add_common_arguments(parser)
+    return parser
+
+
+def _add_input_arguments(inputs: argparse._ArgumentGroup) -> None:
+    """The images, label maps and points (or ``--sample``)."""
     inputs.add_argument("--fixed", type=Path, help="the MR image (fixed)")
     inputs.add_argument("--moving", type=Path, help="the CT image (moving)")
     inputs.add_argument("--moving-labels", type=Path, help="CT vertebra label map, one integer per vertebra")
@@ -55,7 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
         "between vertebrae",
     )
     inputs.add_argument("--sample", action="store_true", help="use the bundled sample case (Resources/SampleData)")
-    options = parser.add_argument_group("options (a preset, then a --config file, then the flags below)")
+
+
+def _add_settings_arguments(options: argparse._ArgumentGroup) -> None:
+    """The output folder and where the settings come from (preset, config file)."""
     options.add_argument("--out", type=Path, help="output folder (created)")
     options.add_argument(
         "--preset",
@@ -69,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
         "after the preset",
     )
     options.add_argument("--list-presets", action="store_true", help="list the presets and exit")
+
+
+def _add_stage_arguments(options: argparse._ArgumentGroup) -> None:
+    """The stages after the network, the device and the model."""
     options.add_argument(
         "--vertebra-steps",
         type=int,
@@ -90,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(NAME.json beside NAME.pt) when there is one",
     )
     options.add_argument("--model-sha256", help="the sha256 the --model file must have (overrides its card)")
+
+
+def _add_vertebra_arguments(options: argparse._ArgumentGroup) -> None:
+    """The MR's vertebrae (prediction, bone-guided pre-alignment) and the vertebrae's rigidity."""
     options.add_argument(
         "--no-mr-segmentation",
         action="store_true",
@@ -114,8 +135,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LABEL=W",
         help="scale the rigidity of one vertebra (label value or name); 0 excludes it; repeatable",
     )
-    add_common_arguments(parser)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

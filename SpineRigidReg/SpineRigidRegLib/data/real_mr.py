@@ -204,6 +204,20 @@ def ct_from_mr_labels(
     """
     if isinstance(reference, Geometry):
         reference = reference.reference_image()
+    labels, mr, level = _mr_on_reference(real, reference)
+    spacing = float(min(reference.GetSpacing()))
+    hu = _soft_tissue_hu(labels, mr, spacing)
+    # rng draws, in this order: the trabecular field, two CT numbers per level, the CT noise.
+    _paint_vertebrae(hu, labels, level, rng, spacing)
+    ct = _acquire_ct(hu, reference, rng, noise_hu)
+    levels = sitk.GetImageFromArray(level.astype(np.uint16))
+    levels.CopyInformation(reference)
+    return ct, levels
+
+
+def _mr_on_reference(real: RealMR, reference: sitk.Image) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The MR example on the CT grid, each ``(D, H, W)``: its ``total_mr`` labels (int32), its intensities and the
+    smooth vertebra levels (0 beyond the MR slab: replicated vertebra slices would make a column)."""
     levels = smooth_labels_on(real.levels, reference)
     labels = sitk.GetArrayFromImage(_resample_extended(real.labels, reference, linear=False)).astype(np.int32)
     mr = sitk.GetArrayFromImage(_resample_extended(real.mr, reference))
@@ -211,17 +225,16 @@ def ct_from_mr_labels(
         sitk.Resample(real.mr * 0 + 1, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0)
     )
     level = sitk.GetArrayFromImage(levels)
-    level[inside_slab == 0] = 0  # no bone beyond the slab (replicated vertebra slices would be a column)
-    spacing = float(min(reference.GetSpacing()))
+    level[inside_slab == 0] = 0
+    return labels, mr, level
 
-    # Body outline and fat from the MR's intensity (unnamed voxels only).
+
+def _soft_tissue_hu(labels: np.ndarray, mr: np.ndarray, spacing: float) -> np.ndarray:
+    """float32 HU ``(D, H, W)`` of everything but bone: named structures from ``labels``; unnamed voxels from the MR's
+    intensity (air outside the body, fat where bright, soft tissue elsewhere). ``spacing``: the grid's finest (mm)."""
     unnamed = labels == 0
     threshold_air = 0.08 * float(np.percentile(mr, 99))
-    body = np.zeros(mr.shape, bool)
-    for k in range(mr.shape[0]):
-        body[k] = sitk.GetArrayFromImage(
-            sitk.BinaryFillhole(sitk.GetImageFromArray((mr[k] > threshold_air).astype(np.uint8)))
-        ).astype(bool)
+    body = _body_mask(mr, threshold_air)
     body_values = mr[unnamed & body]
     fat_threshold = _otsu(body_values) if body_values.size > 100 else threshold_air
     hu = np.full(mr.shape, SOFT_HU, np.float32)
@@ -238,8 +251,25 @@ def ct_from_mr_labels(
     ).astype(bool)
     hu[csf & ~cord] = CSF_HU
     hu[cord] = CORD_HU
+    return hu
+
+
+def _body_mask(mr: np.ndarray, threshold: float) -> np.ndarray:
+    """bool ``(D, H, W)``: inside the body, slice by slice along ``D``: above ``threshold`` with the holes filled."""
+    body = np.zeros(mr.shape, bool)
+    for k in range(mr.shape[0]):
+        body[k] = sitk.GetArrayFromImage(
+            sitk.BinaryFillhole(sitk.GetImageFromArray((mr[k] > threshold).astype(np.uint8)))
+        ).astype(bool)
+    return body
+
+
+def _paint_vertebrae(
+    hu: np.ndarray, labels: np.ndarray, level: np.ndarray, rng: np.random.Generator, spacing: float
+) -> None:
+    """Write the vertebrae into ``hu`` (``(D, H, W)``, in place): per level, a cancellous core rising to a cortical
+    shell over :data:`CORTEX_MM` from its surface; ``spacing`` (mm) is the grid's finest."""
     hu[(labels == MR_VERTEBRAE) & (level == 0)] = SOFT_HU  # slab vertebra voxels the smooth levels leave out
-    # Vertebrae: cortical shell and cancellous core from the distance to each level's surface.
     trabecular = _smooth_field(rng, level.shape, 4.0 / spacing)
     for value in [int(v) for v in np.unique(level) if v > 0]:
         mask = level == value
@@ -254,15 +284,18 @@ def ct_from_mr_labels(
         shell = np.clip(1.0 - (depth[mask] - 0.5 * spacing) / CORTEX_MM, 0.0, 1.0)
         core = cancellous * (1.0 + 0.15 * trabecular[mask])
         hu[mask] = core + (cortical - core) * shell
+
+
+def _acquire_ct(hu: np.ndarray, reference: sitk.Image, rng: np.random.Generator, noise_hu: float) -> sitk.Image:
+    """float32 CT on ``reference``: ``hu`` blurred by a 0.6 mm Gaussian (the CT's point spread), plus Gaussian noise
+    of standard deviation ``noise_hu``."""
     image = sitk.GetImageFromArray(hu)
     image.CopyInformation(reference)
     image = sitk.SmoothingRecursiveGaussian(image, 0.6)
     array = sitk.GetArrayFromImage(image) + rng.normal(0.0, noise_hu, hu.shape).astype(np.float32)
     ct = sitk.GetImageFromArray(array.astype(np.float32))
     ct.CopyInformation(reference)
-    levels = sitk.GetImageFromArray(level.astype(np.uint16))
-    levels.CopyInformation(reference)
-    return ct, levels
+    return ct
 
 
 def _otsu(values: np.ndarray, bins: int = 128) -> float:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -436,50 +437,13 @@ def polyrigid_displacement(
     maps = [
         transforms.get(v, torch.eye(4, dtype=torch.float64, device=device)).to(device, torch.float64) for v in values
     ]
-    # The column's common rigid motion G is applied exactly and analytically; the poly-rigid part only carries each
-    # vertebra's residual T_i G^-1, so the regions the vertebrae sweep stay small: u = G then psi (phi = psi o G).
-    common = _common_rigid(maps, centroids)
-    common_inverse = torch.linalg.inv(common)
-    residuals = [m @ common_inverse for m in maps]
-    moved_centroids = [(common[:3, :3] @ c + common[:3, 3]) for c in centroids]
-
-    blend = torch.zeros(1, 3, *shape, device=device)
-    blend_sum = torch.zeros(1, 1, *shape, device=device)
-    spread = _centroid_spread(centroids)
-    parts = []
-    for value, centroid, residual in zip(values, moved_centroids, residuals, strict=True):
-        log = rigid_log(residual)
-        velocity_mm = _affine_field(log.float(), grid_mm)
-        # Broad, smooth blend of the vertebra velocities for the soft tissue.
-        g = torch.exp(-((grid_mm - centroid.float().view(1, 3, 1, 1, 1)) ** 2).sum(1, keepdim=True) / (2 * spread**2))
-        blend += g * velocity_mm
-        blend_sum += g
-        box, weight, claim, depth = _vertebra_weight(labels, value, log, step, settings)
-        parts.append((box, weight, claim, depth, log))
-
-    # Where a vertebra claims the space (its swept region plus a short ramp) the other vertebrae's weights are cut;
-    # where two claims overlap (touching vertebrae) the deeper one wins, smoothly: inside each vertebra only its own
-    # velocity counts, up to a thin seam where it touches a neighbour.
-    numerator = torch.zeros(1, 3, *shape, device=device)
-    weight_sum = torch.zeros(1, 1, *shape, device=device)
-    weight_max = torch.zeros(1, 1, *shape, device=device)
-    for i, (box, weight, own_claim, own_depth, log) in enumerate(parts):
-        weight = weight.clone()
-        for j, (other_box, _, claim, depth, _) in enumerate(parts):
-            overlap = _intersect(box, other_box)
-            if j == i or overlap is None:
-                continue
-            mine = (slice(None), slice(None), *_relative(overlap, box))
-            theirs = (slice(None), slice(None), *_relative(overlap, other_box))
-            a, b = own_depth[mine] ** _DEPTH_POWER, depth[theirs] ** _DEPTH_POWER
-            share = a / (a + b + 1e-12)
-            weight[mine] = weight[mine] * ((1.0 - claim[theirs]) + claim[theirs] * own_claim[mine] * share)
-        region = (slice(None), slice(None), *box)
-        numerator[region] += weight * _affine_field(log.float(), grid_mm[region])
-        weight_sum[region] += weight
-        weight_max[region] = torch.maximum(weight_max[region], weight)
-    null = math.exp(-0.5 * 3.0**2)  # far from every vertebra (3 spreads) the blend fades to the common motion
-    background = blend / (blend_sum + null)
+    common, rigid_logs, moved_centroids = _split_common_motion(maps, centroids)
+    background = _blended_velocity(grid_mm, moved_centroids, rigid_logs, _centroid_spread(centroids))
+    parts = [
+        _VertebraPart(*_vertebra_weight(labels, value, log, step, settings), log=log)
+        for value, log in zip(values, rigid_logs, strict=True)
+    ]
+    numerator, weight_sum, weight_max = _vertebra_velocities(parts, grid_mm)
     if settings.soft_tissue_amplitude_mm > 0:
         background = background + settings.soft_tissue_amplitude_mm * _smooth_noise(
             generator, 3, shape, step, settings.soft_tissue_spacing_mm, device
@@ -489,6 +453,110 @@ def polyrigid_displacement(
     residual_field = integrate_velocity(velocity_mm / step_t, settings.integration_steps)
     common_field = rigid_displacement(common[None, :3, :3], common[None, :3, 3], shape, step).float()
     return compose(residual_field, common_field)
+
+
+class _VertebraPart(NamedTuple):
+    """One vertebra's share of the poly-rigid velocity (:func:`_vertebra_weight`), on ``box``.
+
+    Attributes:
+        box: Array-order slices of the box around the vertebra.
+        weight, claim, depth: ``(1, 1, *box)`` float32.
+        log: ``(4, 4)`` float64 matrix logarithm of the vertebra's residual map (mm frame).
+    """
+
+    box: tuple[slice, slice, slice]
+    weight: torch.Tensor
+    claim: torch.Tensor
+    depth: torch.Tensor
+    log: torch.Tensor
+
+
+def _split_common_motion(
+    maps: list[torch.Tensor], centroids: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """The column's common rigid motion ``G`` and what each vertebra does beyond it.
+
+    ``G`` is applied exactly and analytically; the poly-rigid part only carries each vertebra's residual
+    ``T_i G^-1``, so the regions the vertebrae sweep stay small: ``u = G`` then ``psi`` (``phi = psi o G``).
+
+    Args:
+        maps: ``(4, 4)`` float64 pull-back maps ``T_i``, one per vertebra.
+        centroids: ``(K, 3)`` float64 vertebra centroids (mm, array order).
+
+    Returns:
+        ``G`` ``(4, 4)``; the ``(4, 4)`` matrix logarithms of the residuals; the ``(3,)`` centroids moved by ``G``.
+    """
+    common = _common_rigid(maps, centroids)
+    common_inverse = torch.linalg.inv(common)
+    rigid_logs = [rigid_log(m @ common_inverse) for m in maps]
+    moved_centroids = [(common[:3, :3] @ c + common[:3, 3]) for c in centroids]
+    return common, rigid_logs, moved_centroids
+
+
+def _blended_velocity(
+    grid_mm: torch.Tensor, centroids: list[torch.Tensor], rigid_logs: list[torch.Tensor], spread: float
+) -> torch.Tensor:
+    """The soft tissue's smooth velocity: the vertebrae's rigid velocities blended by Gaussians of width ``spread``
+    (mm) about their ``centroids`` (mm), fading to zero (the common motion) three spreads from every vertebra.
+
+    Args:
+        grid_mm: ``(1, 3, D, H, W)`` voxel positions (mm, array order).
+
+    Returns:
+        ``(1, 3, D, H, W)`` float32 velocity in mm.
+    """
+    blend = torch.zeros(1, 3, *grid_mm.shape[2:], device=grid_mm.device)
+    blend_sum = torch.zeros(1, 1, *grid_mm.shape[2:], device=grid_mm.device)
+    for centroid, log in zip(centroids, rigid_logs, strict=True):
+        velocity_mm = _affine_field(log.float(), grid_mm)
+        g = torch.exp(-((grid_mm - centroid.float().view(1, 3, 1, 1, 1)) ** 2).sum(1, keepdim=True) / (2 * spread**2))
+        blend += g * velocity_mm
+        blend_sum += g
+    null = math.exp(-0.5 * 3.0**2)  # far from every vertebra (3 spreads) the blend fades to the common motion
+    return blend / (blend_sum + null)
+
+
+def _vertebra_velocities(
+    parts: list[_VertebraPart], grid_mm: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The vertebrae's weighted rigid velocities summed, with each weight cut by its neighbours' claims
+    (:func:`_claimed_weight`).
+
+    Returns:
+        ``sum_i w_i v_i`` ``(1, 3, D, H, W)`` (mm), ``sum_i w_i`` and ``max_i w_i`` ``(1, 1, D, H, W)``, float32.
+    """
+    shape, device = grid_mm.shape[2:], grid_mm.device
+    numerator = torch.zeros(1, 3, *shape, device=device)
+    weight_sum = torch.zeros(1, 1, *shape, device=device)
+    weight_max = torch.zeros(1, 1, *shape, device=device)
+    for i, part in enumerate(parts):
+        weight = _claimed_weight(i, parts)
+        region = (slice(None), slice(None), *part.box)
+        numerator[region] += weight * _affine_field(part.log.float(), grid_mm[region])
+        weight_sum[region] += weight
+        weight_max[region] = torch.maximum(weight_max[region], weight)
+    return numerator, weight_sum, weight_max
+
+
+def _claimed_weight(i: int, parts: list[_VertebraPart]) -> torch.Tensor:
+    """Vertebra ``i``'s weight ``(1, 1, *box)`` with the space the other vertebrae claim cut out.
+
+    Where a vertebra claims the space (its swept region plus a short ramp) the other vertebrae's weights are cut;
+    where two claims overlap (touching vertebrae) the deeper one wins, smoothly: inside each vertebra only its own
+    velocity counts, up to a thin seam where it touches a neighbour.
+    """
+    own = parts[i]
+    weight = own.weight.clone()
+    for j, other in enumerate(parts):
+        overlap = _intersect(own.box, other.box)
+        if j == i or overlap is None:
+            continue
+        mine = (slice(None), slice(None), *_relative(overlap, own.box))
+        theirs = (slice(None), slice(None), *_relative(overlap, other.box))
+        a, b = own.depth[mine] ** _DEPTH_POWER, other.depth[theirs] ** _DEPTH_POWER
+        share = a / (a + b + 1e-12)
+        weight[mine] = weight[mine] * ((1.0 - other.claim[theirs]) + other.claim[theirs] * own.claim[mine] * share)
+    return weight
 
 
 def _common_rigid(maps: list[torch.Tensor], centroids: torch.Tensor) -> torch.Tensor:

@@ -428,6 +428,40 @@ def _autocast_factory(config: TrainConfig, device: torch.device) -> tuple[Callab
     return (lambda: torch.autocast("cuda", dtype=torch.float16)), scaler
 
 
+@dataclass
+class _Session:
+    """The parts of one training run that every step uses; ``validation`` and ``identity`` stay empty off rank 0
+    and without ``data.validation_pairs``."""
+
+    config: TrainConfig
+    out: Path
+    device: torch.device
+    world: int
+    main: bool  # rank 0: validates, logs and writes the checkpoints
+    network: RegistrationNet
+    model: torch.nn.Module  # the network, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    autocast: Callable[[], object]
+    spacing: tuple[float, float, float]  # mm per voxel of the pairs
+    logs: _Logs
+    start_time: float
+    validation: list[TrainingPair] = field(default_factory=list)
+    identity: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Progress:
+    """What the loop carries from step to step; ``last.pt`` restores the first three."""
+
+    step: int = 0
+    best_step: int = -1
+    best_score: float = float("-inf")
+    last_figures: dict[str, float] = field(default_factory=dict)
+    last_save: float = 0.0  # perf_counter of the last save of last.pt
+    step_time: float = 0.0  # perf_counter of the last train.csv row
+
+
 def _run(
     config: TrainConfig,
     out: Path,
@@ -439,153 +473,238 @@ def _run(
     logs: _Logs,
     start_time: float,
 ) -> TrainResult:
-    schedule = config.schedule
     network = _initial_network(config).to(device)
     optimizer = torch.optim.AdamW(
         network.parameters(), lr=config.optim.learning_rate, weight_decay=config.optim.weight_decay
     )
     autocast, scaler = _autocast_factory(config, device)
-    step, best_step, best_score = 0, -1, float("-inf")
-    last_path = out / LAST_CHECKPOINT
-    if resume and last_path.is_file():
-        state = read_checkpoint(last_path)
-        if NetworkConfig.from_dict(state["config"]) != config.network:
-            raise InputError(f"{last_path} was trained with another architecture than this config's")
-        network.load_state_dict(state["state_dict"], strict=True)
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        step = int(state["step"])
-        best_step, best_score = int(state.get("best_step", -1)), float(state.get("best_score", float("-inf")))
-        if rank == 0:
-            logs.truncate(step)
-        log.info("resumed from %s at step %d", last_path, step)
-    elif resume:
-        log.info("nothing to resume in %s: starting at step 0", out)
+    progress = _resumed_progress(resume, out, config, network, optimizer, scaler, logs if rank == 0 else None)
     model: torch.nn.Module = network
     if world > 1:
         model = DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
-    spacing = (config.data.spacing_mm,) * 3
+    session = _Session(
+        config=config,
+        out=out,
+        device=device,
+        world=world,
+        main=rank == 0,
+        network=network,
+        model=model,
+        optimizer=optimizer,
+        scaler=scaler,
+        autocast=autocast,
+        spacing=(config.data.spacing_mm,) * 3,
+        logs=logs,
+        start_time=start_time,
+    )
     real = RealVolumes(config.data.real_data_dir, config.data.spacing_mm)
+    pool = _pair_pool(config, rank, real, device)
+    if session.main and config.data.validation_pairs:
+        _prepare_validation(session, progress, real)
+    t = time.perf_counter()
+    made = pool.sync(progress.step)
+    log.info("pair pool ready: %d pairs synthesised in %.1f s", made, time.perf_counter() - t)
+    bar = _progress_bar(config, progress.step) if show_progress else None
+    _train_loop(session, progress, pool, bar)
+    pool.close()
+    if bar is not None:
+        bar.close()
+    if session.main and not session.validation and progress.step > 0:
+        save_checkpoint(out / BEST_CHECKPOINT, network, step=progress.step, train_config=config.to_dict())
+        progress.best_step = progress.step
+    return _result(session, progress)
+
+
+def _resumed_progress(
+    resume: bool,
+    out: Path,
+    config: TrainConfig,
+    network: RegistrationNet,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    logs: _Logs | None,
+) -> _Progress:
+    """Where the run starts: step 0, or (resuming) ``out/last.pt`` loaded into the network, optimiser and scaler.
+
+    ``logs`` (rank 0 only) drops its rows after the resumed step.
+    """
+    last_path = out / LAST_CHECKPOINT
+    if not resume:
+        return _Progress()
+    if not last_path.is_file():
+        log.info("nothing to resume in %s: starting at step 0", out)
+        return _Progress()
+    state = read_checkpoint(last_path)
+    if NetworkConfig.from_dict(state["config"]) != config.network:
+        raise InputError(f"{last_path} was trained with another architecture than this config's")
+    network.load_state_dict(state["state_dict"], strict=True)
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+    progress = _Progress(
+        step=int(state["step"]),
+        best_step=int(state.get("best_step", -1)),
+        best_score=float(state.get("best_score", float("-inf"))),
+    )
+    if logs is not None:
+        logs.truncate(progress.step)
+    log.info("resumed from %s at step %d", last_path, progress.step)
+    return progress
+
+
+def _pair_pool(config: TrainConfig, rank: int, real: RealVolumes, device: torch.device) -> PairPool:
+    """This rank's pool of training pairs."""
     # On a GPU the pairs are synthesised and kept there, two ahead of need in a background thread (a CPU pipeline
     # could not feed its steps).
     prefetch = 2 if device.type == "cuda" else 0
-    pool = PairPool(
-        config.data, config.synthesis, seed=schedule.seed, rank=rank, real=real, device=device, prefetch=prefetch
+    return PairPool(
+        config.data, config.synthesis, seed=config.schedule.seed, rank=rank, real=real, device=device, prefetch=prefetch
     )
-    validation: list[TrainingPair] = []
-    identity: dict[str, float] = {}
-    last_figures: dict[str, float] = {}
-    main = rank == 0
-    if main and config.data.validation_pairs:
-        validation = validation_pairs(config.data, config.synthesis, real, device)
-        identity = evaluate(None, validation, spacing, device)
-        log.info("validation pairs: %d; identity (initial): %s", len(validation), _fmt(identity))
-        if step == 0:
-            last_figures = evaluate(network, validation, spacing, device)
-            logs.validation(0, last_figures, identity, selection_score(last_figures, schedule.select_by))
-    t = time.perf_counter()
-    made = pool.sync(step)
-    log.info("pair pool ready: %d pairs synthesised in %.1f s", made, time.perf_counter() - t)
 
-    bar = None
-    if show_progress:
-        from tqdm import tqdm
 
-        bar = tqdm(total=schedule.steps, initial=step, desc=config.name, mininterval=2.0, dynamic_ncols=True)
-    last_save = time.perf_counter()
-    step_time = time.perf_counter()
-    network.train()
-    terms: dict[str, float] = {}
-    while step < schedule.steps:
-        step += 1
-        out_of_time = _out_of_time(schedule.max_minutes, start_time, device, world)
+def _prepare_validation(session: _Session, progress: _Progress, real: RealVolumes) -> None:
+    """Synthesise the validation pairs and score the identity on them; at step 0 also the untrained network."""
+    config = session.config
+    session.validation = validation_pairs(config.data, config.synthesis, real, session.device)
+    session.identity = evaluate(None, session.validation, session.spacing, session.device)
+    log.info("validation pairs: %d; identity (initial): %s", len(session.validation), _fmt(session.identity))
+    if progress.step == 0:
+        progress.last_figures = evaluate(session.network, session.validation, session.spacing, session.device)
+        score = selection_score(progress.last_figures, config.schedule.select_by)
+        session.logs.validation(0, progress.last_figures, session.identity, score)
+
+
+def _progress_bar(config: TrainConfig, step: int):
+    """A tqdm bar over the schedule's steps, starting at ``step``."""
+    from tqdm import tqdm
+
+    return tqdm(total=config.schedule.steps, initial=step, desc=config.name, mininterval=2.0, dynamic_ncols=True)
+
+
+def _train_loop(session: _Session, progress: _Progress, pool: PairPool, bar) -> None:
+    """Train from ``progress.step`` to the schedule's end, or until ``schedule.max_minutes`` run out."""
+    schedule = session.config.schedule
+    progress.last_save = time.perf_counter()
+    progress.step_time = time.perf_counter()
+    session.network.train()
+    while progress.step < schedule.steps:
+        progress.step += 1
+        step = progress.step
+        out_of_time = _out_of_time(schedule.max_minutes, session.start_time, session.device, session.world)
         made = pool.sync(step - 1)
-        batch = pool.batch(step - 1).to(device)
-        lr = learning_rate(config, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
-        seed = mixed_seed(schedule.seed, step)
-        total, terms = registration_loss(model, batch, config.loss, spacing, autocast, seed=seed)
-        if not math.isfinite(terms["loss"]):
-            raise InputError(f"the loss became {terms['loss']} at step {step}: lower optim.learning_rate")
-        if scaler is not None:
-            scaler.scale(total).backward()
-            scaler.unscale_(optimizer)
-        else:
-            total.backward()
-        if config.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(network.parameters(), config.optim.grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        batch = pool.batch(step - 1).to(session.device)
+        lr, terms = _optimisation_step(session, batch, step)
         if bar is not None:
             bar.update(1)
             bar.set_postfix({k: f"{v:.4f}" for k, v in terms.items()}, refresh=False)
-        if main and (step % schedule.log_every == 0 or step == schedule.steps):
-            now = time.perf_counter()
-            per_step = (now - step_time) / (schedule.log_every if step % schedule.log_every == 0 else 1)
-            step_time = now
-            logs.train({"step": step, **terms, "lr": lr, "seconds_per_step": per_step, "synthesised": made})
-        if main:
-            final = step == schedule.steps or out_of_time
-            if validation and (final or (schedule.validate_every and step % schedule.validate_every == 0)):
-                network.eval()
-                last_figures = evaluate(network, validation, spacing, device)
-                network.train()
-                score = selection_score(last_figures, schedule.select_by)
-                logs.validation(step, last_figures, identity, score)
-                log.info("step %d validation: %s (identity %s)", step, _fmt(last_figures), _fmt(identity))
-                if math.isfinite(score) and score > best_score:
-                    best_step, best_score = step, score
-                    save_checkpoint(
-                        out / BEST_CHECKPOINT,
-                        network,
-                        step=step,
-                        validation=last_figures,
-                        identity=identity,
-                        train_config=config.to_dict(),
-                    )
-            due = (schedule.checkpoint_every and step % schedule.checkpoint_every == 0) or (
-                schedule.checkpoint_minutes and time.perf_counter() - last_save > 60.0 * schedule.checkpoint_minutes
-            )
-            if final or due:
-                extra = {"scaler": scaler.state_dict()} if scaler is not None else {}
-                save_checkpoint(
-                    last_path,
-                    network,
-                    optimizer=optimizer.state_dict(),
-                    step=step,
-                    best_step=best_step,
-                    best_score=best_score,
-                    train_config=config.to_dict(),
-                    **extra,
-                )
-                last_save = time.perf_counter()
+        if session.main:
+            _log_train_row(session, progress, terms, lr, made)
+            _validate_and_save(session, progress, final=step == schedule.steps or out_of_time)
         if out_of_time:
             log.info(
                 "stopped at step %d: schedule.max_minutes (%g) ran out; --resume continues", step, schedule.max_minutes
             )
             break
-    pool.close()
-    if bar is not None:
-        bar.close()
-    if main and not validation and step > 0:
-        save_checkpoint(out / BEST_CHECKPOINT, network, step=step, train_config=config.to_dict())
-        best_step = step
+
+
+def _optimisation_step(session: _Session, batch: TrainingPair, step: int) -> tuple[float, dict[str, float]]:
+    """One AdamW step on ``batch`` at (1-based) ``step``; returns the learning rate and the loss terms."""
+    config, optimizer, scaler = session.config, session.optimizer, session.scaler
+    lr = learning_rate(config, step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    seed = mixed_seed(config.schedule.seed, step)
+    total, terms = registration_loss(session.model, batch, config.loss, session.spacing, session.autocast, seed=seed)
+    if not math.isfinite(terms["loss"]):
+        raise InputError(f"the loss became {terms['loss']} at step {step}: lower optim.learning_rate")
+    if scaler is not None:
+        scaler.scale(total).backward()
+        scaler.unscale_(optimizer)
+    else:
+        total.backward()
+    if config.optim.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(session.network.parameters(), config.optim.grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return lr, terms
+
+
+def _log_train_row(session: _Session, progress: _Progress, terms: dict[str, float], lr: float, made: int) -> None:
+    """A ``train.csv`` row every ``log_every`` steps and at the last step (``made``: pairs synthesised this step)."""
+    schedule = session.config.schedule
+    step = progress.step
+    if step % schedule.log_every == 0 or step == schedule.steps:
+        now = time.perf_counter()
+        per_step = (now - progress.step_time) / (schedule.log_every if step % schedule.log_every == 0 else 1)
+        progress.step_time = now
+        session.logs.train({"step": step, **terms, "lr": lr, "seconds_per_step": per_step, "synthesised": made})
+
+
+def _validate_and_save(session: _Session, progress: _Progress, final: bool) -> None:
+    """Validate when due (or ``final``) and save ``last.pt`` when due (or ``final``)."""
+    schedule = session.config.schedule
+    step = progress.step
+    if session.validation and (final or (schedule.validate_every and step % schedule.validate_every == 0)):
+        _validate(session, progress)
+    due = (schedule.checkpoint_every and step % schedule.checkpoint_every == 0) or (
+        schedule.checkpoint_minutes and time.perf_counter() - progress.last_save > 60.0 * schedule.checkpoint_minutes
+    )
+    if final or due:
+        _save_last(session, progress)
+
+
+def _validate(session: _Session, progress: _Progress) -> None:
+    """Score the network on the validation pairs; a better score than any before is saved as ``best.pt``."""
+    network, step = session.network, progress.step
+    network.eval()
+    progress.last_figures = evaluate(network, session.validation, session.spacing, session.device)
+    network.train()
+    score = selection_score(progress.last_figures, session.config.schedule.select_by)
+    session.logs.validation(step, progress.last_figures, session.identity, score)
+    log.info("step %d validation: %s (identity %s)", step, _fmt(progress.last_figures), _fmt(session.identity))
+    if math.isfinite(score) and score > progress.best_score:
+        progress.best_step, progress.best_score = step, score
+        save_checkpoint(
+            session.out / BEST_CHECKPOINT,
+            network,
+            step=step,
+            validation=progress.last_figures,
+            identity=session.identity,
+            train_config=session.config.to_dict(),
+        )
+
+
+def _save_last(session: _Session, progress: _Progress) -> None:
+    """Save ``last.pt``: weights, optimiser (and gradient scaler) state and the best step so far, for ``resume``."""
+    extra = {"scaler": session.scaler.state_dict()} if session.scaler is not None else {}
+    save_checkpoint(
+        session.out / LAST_CHECKPOINT,
+        session.network,
+        optimizer=session.optimizer.state_dict(),
+        step=progress.step,
+        best_step=progress.best_step,
+        best_score=progress.best_score,
+        train_config=session.config.to_dict(),
+        **extra,
+    )
+    progress.last_save = time.perf_counter()
+
+
+def _result(session: _Session, progress: _Progress) -> TrainResult:
     return TrainResult(
-        out_dir=out,
-        step=step,
-        best_step=best_step,
-        best_score=best_score if math.isfinite(best_score) else float("nan"),
-        validation=last_figures,
-        identity=identity,
-        wall_time_s=time.perf_counter() - start_time,
-        device=str(device),
-        network=network,
+        out_dir=session.out,
+        step=progress.step,
+        best_step=progress.best_step,
+        best_score=progress.best_score if math.isfinite(progress.best_score) else float("nan"),
+        validation=progress.last_figures,
+        identity=session.identity,
+        wall_time_s=time.perf_counter() - session.start_time,
+        device=str(session.device),
+        network=session.network,
     )
 
 

@@ -1,0 +1,45 @@
+"""`srr-benchmark --speed` (benchmark/speed.py): the whole-body CT it builds keeps the spine where it was, and the
+report shows every situation against its goal."""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+from SpineRigidRegLib.benchmark import report, speed
+from SpineRigidRegLib.data.phantom import make_phantom
+
+
+def test_the_large_ct_holds_the_spine_at_its_physical_place(monkeypatch):
+    monkeypatch.setattr(speed, "LARGE_CT_SIZE", (90, 80, 70))
+    monkeypatch.setattr(speed, "LARGE_CT_SPACING", (0.78, 0.78, 1.0))
+    phantom = make_phantom(num_vertebrae=3, shape=(48, 40, 40), seed=1)
+    big, labels = speed.large_ct(phantom.ct, phantom.labels)
+    assert big.GetSize() == (90, 80, 70) and big.GetSpacing() == (0.78, 0.78, 1.0)
+    for value in (20, 21, 22):
+        centres = []
+        for image in (phantom.labels, labels):
+            stats = sitk.LabelShapeStatisticsImageFilter()
+            stats.Execute(sitk.Cast(image == value, sitk.sitkUInt8))
+            centres.append(np.asarray(stats.GetCentroid(1)))
+        assert np.linalg.norm(centres[0] - centres[1]) < 0.5  # mm, resampled at 0.78 mm
+    corner = sitk.GetArrayViewFromImage(big)[0, 0, 0]
+    assert corner == -1000
+
+
+def test_the_report_lists_every_situation_with_its_goal_and_stages():
+    stages = {"prealign": 1.5, "network": 0.5, "vertebra_rigid": 2.0, "outputs": 1.0, "total": 6.0}
+    rows = [
+        {"name": "sample case, no points", "key": "sample_no_points", "registration_s": 5.0, "stages_s": stages,
+         "peak_memory_mb": 900.0, "goal_s": 2.0},
+        {"name": "512 x 512 x 400 CT, no points", "key": "large_ct", "registration_s": 30.0, "stages_s": stages,
+         "peak_memory_mb": 2100.0, "goal_s": 10.0},
+    ]  # fmt: skip
+    figures = {
+        "input_shape": [8, 8, 8], "processing_grid": [8, 8, 8], "device": "cpu", "threads": 2, "weights": "w",
+        "pipeline_s": 6.0, "registration_s": 5.0, "stages_s": stages, "elastix_s": 60.0, "speedup_vs_elastix": 10.0,
+        "scenarios": rows, "command_s": 12.5, "command_goal_s": 5.0,
+    }  # fmt: skip
+    text = "\n".join(report._speed_section(figures, "."))
+    assert "| sample case, no points | 5.00 | 2 | 0.00 | 1.50 | 0.00 | 0.50 | 2.00 | 1.00 | 900 |" in text
+    assert "| 512 x 512 x 400 CT, no points | 30.00 | 10 |" in text
+    assert "`srr-register --sample` command" in text and "12.50" in text
