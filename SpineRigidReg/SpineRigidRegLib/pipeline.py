@@ -121,6 +121,7 @@ def register_prealigned(
             *images,
             settings.vertebra_rigid,
             progress=None if progress is None else lambda f, m: progress(rigid_share * f, m),
+            fixed_slices=pair.fixed_slices,
             **common,
         )
     timings["vertebra_rigid"] = time.perf_counter() - start

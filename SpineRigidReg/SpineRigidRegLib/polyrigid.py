@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import SimpleITK as sitk
 import torch
@@ -41,6 +41,9 @@ from .warp import (
     warp,
     warp_labels,
 )
+
+if TYPE_CHECKING:
+    from .processing import SliceProfile
 
 #: Midpoint steps integrating the sampled voxels' paths during the optimisation (the result is then integrated by
 #: scaling and squaring like every velocity).
@@ -226,6 +229,7 @@ def refine_vertebrae_rigidly(
     point_pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
     progress: Callable[[float, str], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    fixed_slices: SliceProfile | None = None,
 ) -> tuple[torch.Tensor, dict[int, list[float]]]:
     """Add one optimised rigid motion per vertebra to ``velocity``.
 
@@ -246,6 +250,9 @@ def refine_vertebrae_rigidly(
         point_pairs: ``(fixed points (N, 3), target points (N, 3))`` in full-grid voxels (array order): the map
             should send each fixed point to its target (``settings.points_weight``). A pair away from every
             vertebra's weights cannot move anything here (the dense refinement can).
+        fixed_slices: Where a thick-slice MR's own voxels lie on the grid (:func:`.processing.slice_profile`): the
+            sampled NMI then compares the MR there with the CT averaged across each slice. ``None``: the grid's
+            voxels, the CT at points.
 
     Returns:
         ``(velocity (1, 3, d, h, w) detached, {label: [tx, ty, tz (mm), rotation angle (deg)]})``; the velocity is
@@ -265,7 +272,7 @@ def refine_vertebrae_rigidly(
         labels_g, grid_spacing, settings.sigma_mm, values, settings.margin_mm, settings.partition_mm
     )
     fit = VertebraFit(settings, frames, base, labels_g, integration_steps, progress, should_cancel)
-    images = StageImages(fixed, moving, moving_labels, spacing, fixed_mask, moving_mask, point_pairs)
+    images = StageImages(fixed, moving, moving_labels, spacing, fixed_mask, moving_mask, point_pairs, fixed_slices)
     if settings.similarity == "nmi" and settings.samples > 0:
         problem: _Problem = SampledProblem(fit, images)
     else:
@@ -302,6 +309,7 @@ class StageImages(NamedTuple):
     fixed_mask: torch.Tensor | None
     moving_mask: torch.Tensor | None
     point_pairs: tuple[torch.Tensor, torch.Tensor] | None
+    fixed_slices: SliceProfile | None = None
 
 
 class VertebraFit:
@@ -415,7 +423,7 @@ class SampledProblem:
     """
 
     def __init__(self, fit: VertebraFit, images: StageImages) -> None:
-        fixed, moving, moving_labels, spacing, fixed_mask, moving_mask, point_pairs = images
+        fixed, moving, moving_labels, spacing, fixed_mask, moving_mask, point_pairs, slices = images
         settings, frames = fit.settings, fit.frames
         region = _bone_band(moving_labels, frames.labels, spacing, settings.sample_band_mm)
         if fixed_mask is not None:
@@ -428,6 +436,13 @@ class SampledProblem:
         self.grid_mm = torch.tensor(frames.spacing, device=fixed.device)
         voxels = torch.stack(torch.unravel_index(index, tuple(fixed.shape[2:])), dim=1).float()  # (N, 3) array order
         self.fixed_samples = fixed.flatten()[index].view(1, 1, -1, 1, 1)
+        self.taps = None
+        if slices is not None:
+            voxels = _mr_voxel_centres(voxels, slices)
+            at = voxels.T.reshape(1, 3, -1, 1, 1)
+            self.fixed_samples = sample_at(fixed, at, padding_mode="border").view(1, 1, -1, 1, 1)
+            self.taps = torch.zeros(3, len(slices.taps), device=fixed.device)
+            self.taps[slices.axis] = torch.tensor(slices.taps, device=fixed.device)
         self.similarity = partial(
             SIMILARITY_LOSSES["nmi"],
             bins=NMI_BINS,
@@ -470,11 +485,20 @@ class SampledProblem:
         moved = self.closed_form_mm(bounded) + self.correction
         at = (moved[: self.sample_count] / self.step_mm).T.reshape(1, 3, -1, 1, 1)
         mask = None if self.moving_mask is None else inside_moving_image(self.moving_mask, at)
-        loss = self.similarity(self.fixed_samples, sample_at(self.moving, at, padding_mode="border"), mask=mask)
+        loss = self.similarity(self.fixed_samples, self.moving_at(at), mask=mask)
         if len(self.pair_targets_mm):
             distances = ((moved[self.sample_count :] - self.pair_targets_mm) ** 2).sum(dim=1)
             loss = loss + self.fit.settings.points_weight * distances.mean()
         return loss
+
+    def moving_at(self, at: torch.Tensor) -> torch.Tensor:
+        """The CT at voxel positions ``at`` ``(1, 3, N, 1, 1)``: ``(1, 1, N, 1, 1)``, averaged across the MR's slice
+        thickness (along the grid axis of the slices' normal: rotations of a few degrees are left out) when the
+        MR is a thick-slice stack."""
+        if self.taps is None:
+            return sample_at(self.moving, at, padding_mode="border")
+        spread = at + self.taps.view(1, 3, 1, -1, 1)  # (1, 3, N, T, 1)
+        return sample_at(self.moving, spread, padding_mode="border").mean(dim=3, keepdim=True)
 
     def pair_offsets(self, bounded: torch.Tensor) -> dict[int, torch.Tensor]:
         if not len(self.pair_targets_mm):
@@ -489,7 +513,7 @@ class _DenseProblem:
     NGF, or NMI without samples); point pairs follow the velocity (:func:`_flow`). Reads the fit's current frames."""
 
     def __init__(self, fit: VertebraFit, images: StageImages) -> None:
-        fixed, moving, _, spacing, fixed_mask, moving_mask, point_pairs = images
+        fixed, moving, _, spacing, fixed_mask, moving_mask, point_pairs, _ = images
         grid, full = tuple(fit.base.shape[2:]), tuple(fixed.shape[2:])
         self.fit = fit
         self.fixed, self.moving = to_grid(fixed, grid), to_grid(moving, grid)
@@ -525,6 +549,14 @@ class _DenseProblem:
             return {}
         owner = sample_at(self.fit.frames.weights, self.sources).reshape(len(self.fit.frames.labels), -1)
         return _mean_offsets(owner, self._pairs_mm(self.fit.base), self.targets_mm)
+
+
+def _mr_voxel_centres(voxels: torch.Tensor, slices: SliceProfile) -> torch.Tensor:
+    """``voxels`` ``(N, 3)`` (processing-grid array indices) moved to the nearest voxel centre of the MR
+    (``slices``): there the MR is its own value rather than an interpolation between slices."""
+    centre = torch.tensor(slices.centre, device=voxels.device)
+    step = torch.tensor(slices.step, device=voxels.device)
+    return centre + torch.round((voxels - centre) / step) * step
 
 
 def _mean_offsets(owner: torch.Tensor, mapped_mm: torch.Tensor, targets_mm: torch.Tensor) -> dict[int, torch.Tensor]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -69,6 +70,47 @@ def processing_grid(
     )
 
 
+#: An MR whose coarsest spacing is at least this many times its finest is a stack of thick slices: the vertebra-wise
+#: stage then compares it with the CT as such a stack sees it (:class:`SliceProfile`).
+THICK_SLICE_RATIO = 1.5
+
+
+class SliceProfile(NamedTuple):
+    """Where a thick-slice MR's voxels lie on the processing grid, and how thick its slices are.
+
+    On the processing grid the MR is interpolated between slice centres. The edge of a bone that falls between two
+    slices is placed there by that interpolation up to a tenth of the slice spacing off (it depends on where the edge
+    falls), and the vertebra-wise stage followed it: vertebrae of a pair in register moved 0.25-0.45 mm along the
+    slices' normal. Comparing the MR at its own voxel centres with the CT averaged across the slice thickness
+    removes that bias (docs/BENCHMARKS_TIERS.md).
+
+    Attributes:
+        axis: The processing grid's array axis along the slices' normal.
+        centre: Continuous array index, on the processing grid, of one MR voxel centre ``(3,)``.
+        step: The MR's spacing in processing-grid voxels, array order ``(3,)``.
+        taps: Offsets (processing-grid voxels along ``axis``) at which the CT is averaged across one slice.
+    """
+
+    axis: int
+    centre: tuple[float, float, float]
+    step: tuple[float, float, float]
+    taps: tuple[float, ...]
+
+
+def slice_profile(fixed: Geometry, grid: Geometry) -> SliceProfile | None:
+    """The :class:`SliceProfile` of MR grid ``fixed`` on processing ``grid`` (same direction); ``None`` for an MR
+    whose voxels are not thick slices (:data:`THICK_SLICE_RATIO`) or whose axes are not the grid's."""
+    spacing = np.asarray(fixed.spacing_array_order, dtype=float)
+    if spacing.max() < THICK_SLICE_RATIO * spacing.min() or not np.allclose(fixed.direction, grid.direction):
+        return None
+    step = spacing / np.asarray(grid.spacing_array_order, dtype=float)
+    axis = int(np.argmax(step))
+    count = max(int(np.ceil(step[axis])), 2)  # about one tap per processing voxel across the slice
+    taps = ((np.arange(count) + 0.5) / count - 0.5) * step[axis]
+    centre = grid.lps_to_array_index(np.asarray(fixed.origin, dtype=float)[None])[0]
+    return SliceProfile(axis, tuple(float(c) for c in centre), tuple(float(s) for s in step), tuple(taps.tolist()))
+
+
 def check_memory(grid: Geometry, device: torch.device) -> None:
     """Refuse a run that cannot fit, with a plain message, before torch fails deep inside."""
     voxels = int(np.prod(grid.shape))
@@ -114,6 +156,7 @@ class ProcessingPair:
         point_pairs: voxel coordinates ``(MR points (N, 3), pre-aligned CT points (N, 3))``, or ``None``.
         grid: the grid's geometry (``None`` for tensors given without one, e.g. a benchmark's synthetic pair).
         prealignment: the rigid map the CT was resampled through (``None`` likewise).
+        fixed_slices: where a thick-slice MR's own voxels lie on the grid (:func:`slice_profile`), or ``None``.
     """
 
     fixed: torch.Tensor
@@ -126,6 +169,7 @@ class ProcessingPair:
     point_pairs: tuple[torch.Tensor, torch.Tensor] | None = None
     grid: Geometry | None = None
     prealignment: Prealignment | None = None
+    fixed_slices: SliceProfile | None = None
 
     def to(self, device: torch.device | str) -> ProcessingPair:
         """A copy with every tensor on ``device``."""
@@ -144,6 +188,7 @@ class ProcessingPair:
             None if self.point_pairs is None else tuple(move(p) for p in self.point_pairs),
             self.grid,
             self.prealignment,
+            self.fixed_slices,
         )
 
 
@@ -187,4 +232,5 @@ def to_processing_grid(
         point_pairs=point_pairs_to_voxels(point_pairs, pre, grid) if point_pairs else None,
         grid=grid,
         prealignment=pre,
+        fixed_slices=slice_profile(Geometry.of(fixed), grid),
     )
