@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from SpineRigidRegLib import pipeline
 from SpineRigidRegLib.benchmark import runner, tiers
+from SpineRigidRegLib.choices import make_settings
 from SpineRigidRegLib.cli import benchmark as benchmark_cli
-from SpineRigidRegLib.data.clinical import CLINICAL_MOTION, ClinicalAcquisition, clinical_grid, scaled_motion
+from SpineRigidRegLib.data.clinical import (
+    CLINICAL_MOTION,
+    ClinicalAcquisition,
+    acquire_clinical,
+    clinical_grid,
+    scaled_motion,
+)
 from SpineRigidRegLib.data.real_mr import load_real_mr, split_vertebra_levels
 from SpineRigidRegLib.data.synthesis import vertebra_motion
 from SpineRigidRegLib.geometry import Geometry
@@ -92,8 +102,9 @@ def test_tiny_clinical_case_truth_maps_the_ct_labels_onto_the_mr_labels():
 
 
 @pytest.mark.xfail(
-    reason="issue 18 item 10: a pair in register comes out about 0.5 mm off (the NMI optimum on a thick-slice "
-    "textured MR and the bundled network's own 0.2-0.5 mm, not convergence; issue 18's closing note)",
+    reason="issue 18 item 10: a pair in register comes out 0.3-0.5 mm off. Not the geometry (the next test); the "
+    "MR's contrast is not a function of the CT's, and its thick slices mix tissues: with a flat T2-like contrast "
+    "through the same acquisition the automatic pre-alignment alone ends 0.3 mm off (issue 18's closing note)",
     strict=False,
 )
 def test_a_pair_already_in_register_comes_out_within_a_tenth_of_a_mm():
@@ -103,6 +114,27 @@ def test_a_pair_already_in_register_comes_out_within_a_tenth_of_a_mm():
         pytest.skip("the bundled registration model is absent")
     row = tiers.run_tier([case], methods, "cpu").case_rows[0]
     assert row["tre_mm_mean"] < 0.1
+
+
+@pytest.mark.parametrize("slice_model", [False, True])
+def test_a_ct_seen_as_thick_slices_in_register_stays_in_register_with_the_slice_model(slice_model):
+    """Same-modality thick slices (the CT through the clinical series' box slice profile). With the slice model
+    (`VertebraRigidSettings.slice_model`) the vertebra-wise stage compares the MR at its own voxel centres with the
+    CT averaged across a slice and no vertebra moves; comparing the MR interpolated between slices (the default)
+    moves them 0.27-0.30 mm along the slice normal."""
+    if not runner.bundled_model_available():
+        pytest.skip("the bundled registration model is absent")
+    case = tiers.clinical_case(0, 4000, None, scale=0.0, tiny=True)
+    quiet = ClinicalAcquisition(noise=(0.0, 0.0), bias_strength=0.0)
+    thickness = case.fixed.GetSpacing()[2] / (1 + quiet.slice_gap)
+    ct = sitk.Cast(case.moving, sitk.sitkFloat32)
+    mr = acquire_clinical(ct, Geometry.of(case.fixed), quiet, np.random.default_rng(0), thickness)
+    settings = make_settings(device="cpu")
+    settings = replace(settings, vertebra_rigid=replace(settings.vertebra_rigid, slice_model=slice_model))
+    result = pipeline.register(mr, case.moving, case.moving_labels, settings=settings)
+    rows, _ = runner.evaluate(case, runner.displacement_on_grid(result.transform, case.geometry))
+    worst = max(r["tre_mm"] for r in rows)
+    assert worst < 0.15 if slice_model else worst > 0.2
 
 
 def test_real_mr_levels_and_synthetic_ct(shared_data):

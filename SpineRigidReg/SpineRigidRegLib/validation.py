@@ -128,13 +128,18 @@ def check_label_tensor(labels: object, name: str = "label map") -> torch.Tensor:
 
 def check_settings_fields(settings: object, what: str, similarities: Mapping[str, object]) -> None:
     """Raise :class:`InputError` unless the dataclass ``settings`` names a known ``similarity`` (a key of
-    ``similarities``) and every other field is a finite number >= 0 (``what`` names the settings in the message)."""
+    ``similarities``), every bool field a bool and every other field a finite number >= 0 (``what`` names the
+    settings in the message)."""
     similarity = settings.similarity
     if similarity not in similarities:
         raise InputError(f"unknown similarity {similarity!r}; choose from {sorted(similarities)}")
     for f in dataclasses.fields(settings):
         value = getattr(settings, f.name)
         if f.name == "similarity":
+            continue
+        if f.type in ("bool", bool):
+            if not isinstance(value, bool):
+                raise InputError(f"{what} {f.name} must be true or false, got {value!r}")
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise InputError(f"{what} {f.name} must be a finite non-negative number, got {value!r}")
