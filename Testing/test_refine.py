@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from SpineRigidRegLib.errors import CancelledError
 from SpineRigidRegLib.refine import RefineWeights, refine_velocity
-from SpineRigidRegLib.warp import integrate_velocity
+from SpineRigidRegLib.warp import integrate_velocity, sample_at
 
 
 def _blob_pair(shift: float):
@@ -33,3 +35,38 @@ def test_refinement_recovers_most_of_a_known_shift_in_the_right_direction():
     centre = 31 / 15 * displacement[0, :, 6:10, 6:10, 6:10].mean(dim=(1, 2, 3))
     assert 1.0 < float(centre[0]) < 3.0, centre
     assert float(centre[1:].abs().max()) < 0.3, centre
+
+
+def test_progress_reports_every_step_and_cancel_stops_before_the_next():
+    fixed, moving, labels = _blob_pair(2.0)
+    start = torch.zeros(1, 3, 16, 16, 16)
+    messages = []
+    refine_velocity(start, fixed, moving, labels, (1.0,) * 3, 3, progress=lambda f, m: messages.append((f, m)))
+    assert messages == [(1 / 3, "refinement step 1/3"), (2 / 3, "refinement step 2/3"), (1.0, "refinement step 3/3")]
+    asked = []
+
+    def cancel_at_the_third_question() -> bool:
+        asked.append(1)
+        return len(asked) > 2
+
+    with pytest.raises(CancelledError, match="registration cancelled"):
+        refine_velocity(start, fixed, moving, labels, (1.0,) * 3, 5, should_cancel=cancel_at_the_third_question)
+    assert len(asked) == 3  # asked before each step: two steps ran
+
+
+def test_point_pairs_pull_the_point_to_its_target_and_weigh_nothing_at_weight_zero():
+    fixed, moving, labels = _blob_pair(0.0)  # the images agree: only the point pair asks for a motion
+    start = torch.zeros(1, 3, 16, 16, 16)
+    pairs = (torch.tensor([[16.0, 16.0, 16.0]]), torch.tensor([[18.0, 16.0, 16.0]]))  # full-grid voxels
+    spacing = (1.0, 1.0, 1.0)
+    weights = RefineWeights(points=1.0, learning_rate=0.1)
+    velocity = refine_velocity(start, fixed, moving, labels, spacing, 20, weights, point_pairs=pairs)
+    source = (pairs[0] * 15 / 31).T.reshape(1, 3, 1, 1, 1)  # on the 16^3 velocity grid
+    moved = 31 / 15 * sample_at(integrate_velocity(velocity, 7), source).reshape(3)  # full-grid voxels
+    assert abs(float(moved[0]) - 2.0) < 1.0, moved  # from 2 voxels away at the start
+    assert float(moved[1:].abs().max()) < 0.3, moved
+
+    unweighted = RefineWeights(points=0.0)
+    without = refine_velocity(start, fixed, moving, labels, spacing, 2, unweighted)
+    zero_weight = refine_velocity(start, fixed, moving, labels, spacing, 2, unweighted, point_pairs=pairs)
+    assert torch.equal(without, zero_weight)

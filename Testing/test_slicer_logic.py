@@ -484,6 +484,39 @@ def test_failure_while_creating_outputs_removes_the_new_nodes(scene_case, networ
     assert scene.GetNumberOfNodes() == count
 
 
+def test_output_nodes_are_named_after_the_inputs_and_take_the_mr_geometry(shared_run):
+    logic, out, (scene, ct, segmentation, mr, *_rest) = shared_run
+    names = {
+        "transform": "CT to MR transform",
+        "warpedVolume": "CT registered",
+        "warpedSegmentation": "CT vertebrae registered",
+        "jacobianVolume": "CT to MR det J",
+        "jacobianColors": "SpineRigidReg det J colours",
+        "table": "CT to MR rigidity QA",
+        "chart": "CT to MR rigidity plot",
+        "mrVertebrae": "MR vertebrae (predicted)",
+    }
+    assert {key: scene.GetNodeByID(getattr(out, key)).GetName() for key in names} == names
+    assert [scene.GetNodeByID(i).GetName() for i in out.series] == [title for title, _ in outputs.PLOT_SERIES]
+    transform = scene.GetNodeByID(out.transform)
+    assert transform.GetAttribute("SpineRigidReg.Role") == "Transform"
+    assert "put the CT under this transform" in transform.GetDescription()
+    for nodeId in (out.warpedSegmentation, out.mrVertebrae):
+        assert scene.GetNodeByID(nodeId).GetNodeReferenceID("referenceImageGeometryRef") == mr.GetID()
+    for nodeId in (out.warpedVolume, out.warpedSegmentation, out.jacobianVolume, out.mrVertebrae):
+        assert scene.GetNodeByID(nodeId).GetDisplayNode() is not None
+
+
+def test_a_deleted_output_node_makes_the_next_result_a_new_set_of_nodes(logic_run):
+    logic, out, (scene, ct, segmentation, mr, ct_centres, mr_centres) = logic_run
+    scene.RemoveNode(scene.GetNodeByID(out.chart))
+    again = logic.run(ct, segmentation, mr, ctLandmarks=ct_centres, mrLandmarks=mr_centres, settings=FAST)
+    assert set(again.all()).isdisjoint(out.all())
+    assert all(scene.GetNodeByID(i) is not None for i in again.all())
+    assert scene.GetNodeByID(again.transform).GetName() == "CT to MR transform_1"  # the old one is kept
+    assert scene.GetNodeByID(out.transform) is not None
+
+
 def test_refinement_with_point_pairs_updates_outputs_in_place_and_undo_restores(logic_run):
     logic, out, (scene, ct, segmentation, mr, ct_centres, mr_centres) = logic_run
     table = scene.GetNodeByID(out.table)

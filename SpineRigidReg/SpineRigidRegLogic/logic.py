@@ -371,75 +371,32 @@ class SpineRigidRegLogic:
         """Fill output nodes with ``run``'s result: new nodes when ``existing`` is None (all removed again if
         anything fails), else the existing ones."""
         scene = self.scene
-        before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
-
-        def node(nodeId: str | None, className: str, name: str):
-            if nodeId is not None:
-                return scene.GetNodeByID(nodeId)
-            return scene.AddNewNodeByClass(className, scene.GenerateUniqueName(name))
-
-        ids = existing
-        result = run.result
-        ct = run.inputs.nodeNames.get("ct", "CT")
-        mr = run.inputs.nodeNames.get("mr", "MR")
+        before = self._nodeIds()
         scene.StartState(scene.BatchProcessState)
         try:
-            transformNode = node(ids and ids.transform, "vtkMRMLTransformNode", f"{ct} to {mr} transform")
-            composite = nodes.compositeTransform(result.prealign, result.displacement)
-            transformNode.SetAndObserveTransformFromParent(composite)
-            transformNode.SetAttribute("SpineRigidReg.Role", "Transform")
-            transformNode.SetDescription("MR (world) point -> CT point: put the CT under this transform to align it")
-
-            warped = node(ids and ids.warpedVolume, "vtkMRMLScalarVolumeNode", f"{ct} registered")
-            nodes.updateVolumeFromImage(warped, result.warped_moving)
-            if warped.GetDisplayNode() is None:
-                warped.CreateDefaultDisplayNodes()
-
-            segmentation = node(ids and ids.warpedSegmentation, "vtkMRMLSegmentationNode", f"{ct} vertebrae registered")
-            if segmentation.GetDisplayNode() is None:
-                segmentation.CreateDefaultDisplayNodes()
-            names = {int(r["label"]): str(r["name"]) for r in result.vertebrae}
-            names.update({k: v for k, v in run.inputs.labelNames.items() if k not in names})
-            colors = {int(r["label"]): outputs.rigidityColor(r.get("rigid_dice")) for r in result.vertebrae}
-            nodes.updateSegmentationFromLabelImage(segmentation, result.warped_labels, names, colors)
-            mrNode = scene.GetNodeByID(run.inputs.nodeIds.get("mr", ""))
-            if mrNode is not None:
-                segmentation.SetReferenceImageGeometryParameterFromVolumeNode(mrNode)
-
-            colorNode = node(ids and ids.jacobianColors, "vtkMRMLColorTableNode", "SpineRigidReg det J colours")
-            outputs.fillJacobianColorTable(colorNode)
-            jacobian = node(ids and ids.jacobianVolume, "vtkMRMLScalarVolumeNode", f"{ct} to {mr} det J")
-            nodes.updateVolumeFromImage(jacobian, result.jacobian)
-            outputs.showJacobian(jacobian, colorNode)
-
-            table = node(ids and ids.table, "vtkMRMLTableNode", f"{ct} to {mr} rigidity QA")
-            outputs.fillTable(table, result.vertebrae, self.vertebraCentres(result))
-            chart = node(ids and ids.chart, "vtkMRMLPlotChartNode", f"{ct} to {mr} rigidity plot")
-            series = [
-                node(ids.series[i] if ids else None, "vtkMRMLPlotSeriesNode", title)
-                for i, (title, _) in enumerate(outputs.PLOT_SERIES)
-            ]
-            outputs.fillChart(chart, table, series)
-            mrVertebrae = None
-            if result.mr_vertebrae is not None:
-                mrVertebrae = node(ids and ids.mrVertebrae, "vtkMRMLSegmentationNode", f"{mr} vertebrae (predicted)")
-                if mrVertebrae.GetDisplayNode() is None:
-                    mrVertebrae.CreateDefaultDisplayNodes()
-                mrVertebrae.SetDescription("vertebral bone found in the MR by the segmentation network (no MR labels)")
-                nodes.updateSegmentationFromLabelImage(
-                    mrVertebrae, result.mr_vertebrae, {1: "vertebral bone (MR, predicted)"}, {1: (0.95, 0.85, 0.3)}
-                )
-                if mrNode is not None:
-                    mrVertebrae.SetReferenceImageGeometryParameterFromVolumeNode(mrNode)
+            shown = self._fillOutputs(run, existing)
         except Exception:
-            # Remove every node added since the start (outputs and their display/legend nodes), newest first.
-            added = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
-            for new in reversed([n for n in added if n.GetID() not in before]):
-                if new.GetScene() is not None:
-                    scene.RemoveNode(new)
+            self._removeNodesAddedSince(before)
             raise
         finally:
             scene.EndState(scene.BatchProcessState)
+        return shown
+
+    def _fillOutputs(self, run: RegistrationRun, existing: OutputNodes | None) -> OutputNodes:
+        """Create (``existing`` None) or update every output node, in a fixed order; their IDs."""
+        result = run.result
+        ct = run.inputs.nodeNames.get("ct", "CT")
+        mr = run.inputs.nodeNames.get("mr", "MR")
+        transformNode = self._showTransform(result, existing and existing.transform, f"{ct} to {mr} transform")
+        warped = self._showWarpedVolume(result, existing and existing.warpedVolume, f"{ct} registered")
+        segmentation = self._showWarpedSegmentation(
+            run, existing and existing.warpedSegmentation, f"{ct} vertebrae registered"
+        )
+        colorNode, jacobian = self._showJacobian(result, existing, f"{ct} to {mr} det J")
+        table, chart, series = self._showRigidityTable(result, existing, f"{ct} to {mr}")
+        mrVertebrae = None
+        if result.mr_vertebrae is not None:
+            mrVertebrae = self._showMrVertebrae(run, existing and existing.mrVertebrae, f"{mr} vertebrae (predicted)")
         return OutputNodes(
             transform=transformNode.GetID(),
             warpedVolume=warped.GetID(),
@@ -451,6 +408,107 @@ class SpineRigidRegLogic:
             series=[s.GetID() for s in series],
             mrVertebrae=mrVertebrae.GetID() if mrVertebrae is not None else None,
         )
+
+    def _outputNode(self, nodeId: str | None, className: str, name: str) -> slicer.vtkMRMLNode:
+        """The node ``nodeId``, or without an ID a new ``className`` node named ``name`` (made unique)."""
+        scene = self.scene
+        if nodeId is not None:
+            return scene.GetNodeByID(nodeId)
+        return scene.AddNewNodeByClass(className, scene.GenerateUniqueName(name))
+
+    def _mrNode(self, run: RegistrationRun) -> slicer.vtkMRMLNode | None:
+        """The input MR volume node of ``run``, if it is still in the scene."""
+        return self.scene.GetNodeByID(run.inputs.nodeIds.get("mr", ""))
+
+    def _showTransform(self, result: RegistrationResult, nodeId: str | None, name: str) -> slicer.vtkMRMLTransformNode:
+        """The transform node: pre-alignment and displacement as one MR-to-CT transform."""
+        transformNode = self._outputNode(nodeId, "vtkMRMLTransformNode", name)
+        composite = nodes.compositeTransform(result.prealign, result.displacement)
+        transformNode.SetAndObserveTransformFromParent(composite)
+        transformNode.SetAttribute("SpineRigidReg.Role", "Transform")
+        transformNode.SetDescription("MR (world) point -> CT point: put the CT under this transform to align it")
+        return transformNode
+
+    def _showWarpedVolume(
+        self, result: RegistrationResult, nodeId: str | None, name: str
+    ) -> slicer.vtkMRMLScalarVolumeNode:
+        """The registered CT on the MR's grid."""
+        warped = self._outputNode(nodeId, "vtkMRMLScalarVolumeNode", name)
+        nodes.updateVolumeFromImage(warped, result.warped_moving)
+        if warped.GetDisplayNode() is None:
+            warped.CreateDefaultDisplayNodes()
+        return warped
+
+    def _showWarpedSegmentation(
+        self, run: RegistrationRun, nodeId: str | None, name: str
+    ) -> slicer.vtkMRMLSegmentationNode:
+        """The registered CT vertebrae, one segment each, coloured by their rigidity (rigid DSC)."""
+        result = run.result
+        segmentation = self._outputNode(nodeId, "vtkMRMLSegmentationNode", name)
+        if segmentation.GetDisplayNode() is None:
+            segmentation.CreateDefaultDisplayNodes()
+        names = {int(r["label"]): str(r["name"]) for r in result.vertebrae}
+        names.update({k: v for k, v in run.inputs.labelNames.items() if k not in names})
+        colors = {int(r["label"]): outputs.rigidityColor(r.get("rigid_dice")) for r in result.vertebrae}
+        nodes.updateSegmentationFromLabelImage(segmentation, result.warped_labels, names, colors)
+        mrNode = self._mrNode(run)
+        if mrNode is not None:
+            segmentation.SetReferenceImageGeometryParameterFromVolumeNode(mrNode)
+        return segmentation
+
+    def _showJacobian(
+        self, result: RegistrationResult, existing: OutputNodes | None, name: str
+    ) -> tuple[slicer.vtkMRMLColorTableNode, slicer.vtkMRMLScalarVolumeNode]:
+        """The det J map and its colour table: ``(colour node, det J volume)``."""
+        colorNode = self._outputNode(
+            existing and existing.jacobianColors, "vtkMRMLColorTableNode", "SpineRigidReg det J colours"
+        )
+        outputs.fillJacobianColorTable(colorNode)
+        jacobian = self._outputNode(existing and existing.jacobianVolume, "vtkMRMLScalarVolumeNode", name)
+        nodes.updateVolumeFromImage(jacobian, result.jacobian)
+        outputs.showJacobian(jacobian, colorNode)
+        return colorNode, jacobian
+
+    def _showRigidityTable(
+        self, result: RegistrationResult, existing: OutputNodes | None, prefix: str
+    ) -> tuple[slicer.vtkMRMLTableNode, slicer.vtkMRMLPlotChartNode, list[slicer.vtkMRMLPlotSeriesNode]]:
+        """The per-vertebra QA table and its plot: ``(table, chart, one series per PLOT_SERIES)``."""
+        table = self._outputNode(existing and existing.table, "vtkMRMLTableNode", f"{prefix} rigidity QA")
+        outputs.fillTable(table, result.vertebrae, self.vertebraCentres(result))
+        chart = self._outputNode(existing and existing.chart, "vtkMRMLPlotChartNode", f"{prefix} rigidity plot")
+        series = [
+            self._outputNode(existing.series[i] if existing else None, "vtkMRMLPlotSeriesNode", title)
+            for i, (title, _) in enumerate(outputs.PLOT_SERIES)
+        ]
+        outputs.fillChart(chart, table, series)
+        return table, chart, series
+
+    def _showMrVertebrae(self, run: RegistrationRun, nodeId: str | None, name: str) -> slicer.vtkMRMLSegmentationNode:
+        """The vertebral bone that the segmentation network found in the MR (runs without MR labels)."""
+        mrVertebrae = self._outputNode(nodeId, "vtkMRMLSegmentationNode", name)
+        if mrVertebrae.GetDisplayNode() is None:
+            mrVertebrae.CreateDefaultDisplayNodes()
+        mrVertebrae.SetDescription("vertebral bone found in the MR by the segmentation network (no MR labels)")
+        nodes.updateSegmentationFromLabelImage(
+            mrVertebrae, run.result.mr_vertebrae, {1: "vertebral bone (MR, predicted)"}, {1: (0.95, 0.85, 0.3)}
+        )
+        mrNode = self._mrNode(run)
+        if mrNode is not None:
+            mrVertebrae.SetReferenceImageGeometryParameterFromVolumeNode(mrNode)
+        return mrVertebrae
+
+    def _nodeIds(self) -> set[str]:
+        """IDs of every node in the scene."""
+        scene = self.scene
+        return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+
+    def _removeNodesAddedSince(self, before: set[str]) -> None:
+        """Remove every node not in ``before`` (outputs and their display/legend nodes), newest first."""
+        scene = self.scene
+        added = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+        for new in reversed([n for n in added if n.GetID() not in before]):
+            if new.GetScene() is not None:
+                scene.RemoveNode(new)
 
     @staticmethod
     def vertebraCentres(result: RegistrationResult) -> dict[int, np.ndarray]:
