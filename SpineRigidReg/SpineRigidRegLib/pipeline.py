@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -228,77 +230,102 @@ def register(
     Returns:
         A :class:`RegistrationResult` (nothing is written to disk; see :func:`write_outputs`).
     """
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
+    clock = _StageClock(should_cancel)
     if progress:
         progress(0.0, "checking inputs")
-    fixed = validate_intensity_image(fixed, "MR (fixed) image")
-    moving = validate_intensity_image(moving, "CT (moving) image")
-    moving_labels = validate_labels(moving_labels, moving)
-    ct, ct_labels = crop_to_spine(moving, moving_labels)  # what the stages compute on; the output warps all the CT
-    if fixed_labels is not None:
-        fixed_labels = validate_labels(fixed_labels, fixed, name="MR vertebra label map")
-    net = resolve_network(settings, network)
+    with clock.stage("load"):
+        images = _checked_inputs(fixed, moving, moving_labels, fixed_labels)
+        net = resolve_network(settings, network)
     device = next(net.parameters()).device
-    timings["load"] = time.perf_counter() - t0
-    _check_cancel(should_cancel)
-
-    t = time.perf_counter()
-    bone_probability = find_mr_bone(fixed, settings, net, device)
-    mr_bone = None
-    if bone_probability is not None and settings.mr_segmentation:
-        mr_bone = sitk.Cast(bone_probability > BONE_THRESHOLD, sitk.sitkUInt8)
-    timings["mr_segmentation"] = time.perf_counter() - t
-    _check_cancel(should_cancel)
-
-    t = time.perf_counter()
-    pre = prealign_stage(
-        fixed, ct, ct_labels, fixed_landmarks, moving_landmarks, settings, mr_bone, _report(progress, 0.05, 0.2)
-    )
-    timings["prealign"] = time.perf_counter() - t
-    _check_cancel(should_cancel)
-
-    t = time.perf_counter()
-    if progress:
-        progress(0.2, "resampling to the processing grid")
-    grid = processing_grid(Geometry.of(fixed), ct_labels, pre, settings, net.config.required_multiple)
-    check_memory(grid, device)
-    network_bone = bone_probability if net.config.use_fixed_bone else None
-    pair = to_processing_grid(fixed, ct, ct_labels, pre, grid, network_bone, point_pairs)
-    timings["preprocess"] = time.perf_counter() - t
-    _check_cancel(should_cancel)
-
+    with clock.stage("mr_segmentation"):
+        bone_probability = find_mr_bone(images.fixed, settings, net, device)
+        mr_bone = None
+        if bone_probability is not None and settings.mr_segmentation:
+            mr_bone = sitk.Cast(bone_probability > BONE_THRESHOLD, sitk.sitkUInt8)
+    with clock.stage("prealign"):
+        stage = _report(progress, 0.05, 0.2)
+        pre = prealign_stage(
+            images.fixed, images.ct, images.ct_labels, fixed_landmarks, moving_landmarks, settings, mr_bone, stage
+        )
+    with clock.stage("preprocess"):
+        if progress:
+            progress(0.2, "resampling to the processing grid")
+        grid = processing_grid(Geometry.of(images.fixed), images.ct_labels, pre, settings, net.config.required_multiple)
+        check_memory(grid, device)
+        network_bone = bone_probability if net.config.use_fixed_bone else None
+        pair = to_processing_grid(images.fixed, images.ct, images.ct_labels, pre, grid, network_bone, point_pairs)
     if progress:
         progress(0.3, "network inference")
     displacement, velocity, stage_times = register_prealigned(
         pair, net, settings, initial_velocity, _report(progress, 0.35, 0.8), should_cancel
     )
-    timings.update(stage_times)
+    clock.timings.update(stage_times)
     _check_cancel(should_cancel)
-
-    t = time.perf_counter()
-    if progress:
-        progress(0.85, "building outputs")
-    result = assemble_result(
-        pair,
-        displacement.detach().cpu(),
-        velocity.detach().cpu(),
-        fixed,
-        moving,
-        ct_labels,
-        net,
-        settings,
-        fixed_labels=fixed_labels,
-        landmarks=(fixed_landmarks, moving_landmarks),
-        mr_bone=mr_bone,
-        started_from="network" if initial_velocity is None else "previous result",
-    )
-    timings["outputs"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - t0
-    result.timings = timings
+    with clock.stage("outputs", check=False):
+        if progress:
+            progress(0.85, "building outputs")
+        result = assemble_result(
+            pair,
+            displacement.detach().cpu(),
+            velocity.detach().cpu(),
+            images.fixed,
+            images.moving,
+            images.ct_labels,
+            net,
+            settings,
+            fixed_labels=images.fixed_labels,
+            landmarks=(fixed_landmarks, moving_landmarks),
+            mr_bone=mr_bone,
+            started_from="network" if initial_velocity is None else "previous result",
+        )
+    result.timings = clock.finish()
     if progress:
         progress(1.0, "done")
     return result
+
+
+class _StageClock:
+    """Each stage's wall-clock time (s, from the first stage's start for ``total``) and the cancel check after it."""
+
+    def __init__(self, should_cancel: CancelCallback | None) -> None:
+        self.should_cancel, self.start, self.timings = should_cancel, time.perf_counter(), {}
+
+    @contextmanager
+    def stage(self, name: str, check: bool = True) -> Iterator[None]:
+        started = time.perf_counter()
+        yield
+        # "load" counts from the start of the run, as the checks before it are part of loading
+        self.timings[name] = time.perf_counter() - (self.start if name == "load" else started)
+        if check:
+            _check_cancel(self.should_cancel)
+
+    def finish(self) -> dict[str, float]:
+        self.timings["total"] = time.perf_counter() - self.start
+        return self.timings
+
+
+class _Inputs(NamedTuple):
+    """The checked inputs; ``ct``, ``ct_labels``: the CT and its labels cut to the spine, what the stages see."""
+
+    fixed: sitk.Image
+    moving: sitk.Image
+    ct: sitk.Image
+    ct_labels: sitk.Image
+    fixed_labels: sitk.Image | None
+
+
+def _checked_inputs(
+    fixed: sitk.Image, moving: sitk.Image, moving_labels: sitk.Image, fixed_labels: sitk.Image | None
+) -> _Inputs:
+    """:func:`.inputs.validate_intensity_image` and :func:`.inputs.validate_labels` (one-line errors before any
+    compute), then :func:`.inputs.crop_to_spine` (the output still warps the whole CT)."""
+    fixed = validate_intensity_image(fixed, "MR (fixed) image")
+    moving = validate_intensity_image(moving, "CT (moving) image")
+    moving_labels = validate_labels(moving_labels, moving)
+    ct, ct_labels = crop_to_spine(moving, moving_labels)
+    if fixed_labels is not None:
+        fixed_labels = validate_labels(fixed_labels, fixed, name="MR vertebra label map")
+    return _Inputs(fixed, moving, ct, ct_labels, fixed_labels)
 
 
 def find_mr_bone(

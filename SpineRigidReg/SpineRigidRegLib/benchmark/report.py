@@ -452,7 +452,7 @@ def _results_section(run: BenchmarkRun, meta: Mapping, rel: str) -> list[str]:
 def _speed_section(speed: Mapping, rel: str) -> list[str]:
     stages = speed.get("stages_s", {})
     lines = [
-        "## Speed and memory of the pipeline (issue 4)",
+        "## Speed and memory of the pipeline (issues 4 and 16)",
         "",
         "Whole `srr-register` pipeline with its default settings (network + vertebra-wise rigid alignment, no "
         f"dense refinement) on a {' x '.join(str(s) for s in speed['input_shape'])} "
