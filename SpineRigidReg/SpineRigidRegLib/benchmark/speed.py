@@ -6,8 +6,9 @@ Each scenario is one :func:`..pipeline.register` call after a warm-up, timed per
 - the bundled sample case (real CT, sagittal T2-like MR) with and without MR points;
 - a manual-correction re-run on the sample case (the previous velocity and one moved point pair, as the Slicer
   module's correction runs it);
-- the clinical tier's first case (the real CT, 1 mm, against a sagittal thick-slice MR; needs ``../shared/data``);
-- a 512 x 512 x 400 CT (0.78 x 0.78 x 1 mm) around the phantom, without points;
+- the clinical tier's first case (the real CT, 1 mm, against a sagittal thick-slice MR; needs ``../shared/data``),
+  and its CT placed in a whole-body 512 x 512 x 400 grid (0.78 x 0.78 x 1 mm), without points;
+- the same 512 x 512 x 400 grid around the phantom, against the phantom's 1 mm MR, without points;
 - the whole ``srr-register --sample`` command (interpreter start, imports, outputs written);
 - the network alone at a 256^3 processing grid (memory).
 """
@@ -40,6 +41,7 @@ GOALS_S = {"sample_no_points": 2.0, "sample_points": 1.0, "clinical_no_points": 
 #: The large-CT scenario's grid (x, y, z voxels) and spacing (mm).
 LARGE_CT_SIZE = (512, 512, 400)
 LARGE_CT_SPACING = (0.78, 0.78, 1.0)
+_LARGE = " x ".join(str(n) for n in LARGE_CT_SIZE)
 
 
 def timed_registration(name: str, key: str, run: Callable[[], object], device: str) -> dict:
@@ -148,8 +150,8 @@ def phantom_scenarios(register: Callable, device: str, shape: Sequence[int], see
         timed_registration(f"phantom {shape_text}, MR points", "phantom", lambda: register(*images, **points), device)
     ]
     big = large_ct(pair.moving, pair.moving_labels)
-    size = " x ".join(str(s) for s in LARGE_CT_SIZE)
-    rows.append(timed_registration(f"{size} CT, no points", "large_ct", lambda: register(pair.fixed, *big), device))
+    name = f"{_LARGE} CT around the phantom, its 1 mm MR, no points"
+    rows.append(timed_registration(name, "large_ct_phantom", lambda: register(pair.fixed, *big), device))
     return rows, images
 
 
@@ -162,10 +164,16 @@ def clinical_scenario(register: Callable, device: str, shared_data: str | Path |
         return []
     case = clinical_case(0, 4000, shared_data)
     name = f"clinical case ({case.description['mr']}), no points"
+    images = (case.fixed, case.moving, case.moving_labels)
+    big = large_ct(case.moving, case.moving_labels)
     return [
+        timed_registration(name, "clinical_no_points", lambda: register(*images), device),
         timed_registration(
-            name, "clinical_no_points", lambda: register(case.fixed, case.moving, case.moving_labels), device
-        )
+            f"{_LARGE} CT (the clinical case's, resampled), its sagittal MR, no points",
+            "large_ct",
+            lambda: register(case.fixed, *big),
+            device,
+        ),
     ]
 
 
