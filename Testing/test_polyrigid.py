@@ -188,6 +188,8 @@ def test_zero_steps_or_excluded_vertebrae_leave_the_velocity_alone_and_bad_setti
         VertebraRigidSettings(sigma_mm=0)
     with pytest.raises(InputError, match="learning_rate"):
         VertebraRigidSettings(learning_rate=-1)
+    with pytest.raises(InputError, match="slice_model must be true or false"):
+        VertebraRigidSettings(slice_model=1)
 
 
 def test_a_sub_voxel_shift_is_recovered_with_a_velocity_on_a_grid_half_as_fine():

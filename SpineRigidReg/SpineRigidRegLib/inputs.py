@@ -147,7 +147,8 @@ def crop_to_spine(
     origin moves, spacing and direction stay); both unchanged when the cut would keep nearly all of them.
 
     A whole-body 512 x 512 x 400 CT otherwise makes every stage before the processing grid (the pre-alignment's
-    spine region, its metric, the resampling) work on ten times the voxels it needs.
+    spine region, its metric, the resampling) work on four times the voxels it needs (105 M instead of 27 M
+    with the phantom of ``srr-benchmark --speed``).
     """
     box = labelled_box(sitk.GetArrayViewFromImage(moving_labels))
     if box is None:

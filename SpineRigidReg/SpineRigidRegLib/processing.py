@@ -70,8 +70,8 @@ def processing_grid(
     )
 
 
-#: An MR whose coarsest spacing is at least this many times its finest is a stack of thick slices: the vertebra-wise
-#: stage then compares it with the CT as such a stack sees it (:class:`SliceProfile`).
+#: An MR whose coarsest spacing is at least this many times its finest is a stack of thick slices: it gets a
+#: :class:`SliceProfile`, which the vertebra-wise stage uses when its ``slice_model`` is on.
 THICK_SLICE_RATIO = 1.5
 
 

@@ -1,0 +1,40 @@
+"""The automatic rigid pre-alignment (`prealign.py`): where it takes image gradients changes its cost, not what it
+finds."""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+from SpineRigidRegLib import prealign
+from SpineRigidRegLib.data.phantom import make_phantom
+
+
+def _pair(shift=(2.0, -1.5, 1.0)):
+    """The phantom CT (moving) and an MR-like inverted copy seen through a known translation (MR -> CT points)."""
+    phantom = make_phantom(num_vertebrae=3, shape=(48, 40, 40), seed=1)
+    ct = sitk.Cast(phantom.ct, sitk.sitkFloat32)
+    mr = sitk.Resample(sitk.InvertIntensity(ct, maximum=1500.0), ct, sitk.TranslationTransform(3, shift))
+    return mr, ct, phantom.labels
+
+
+def test_the_metric_value_is_the_same_without_gradient_filters(monkeypatch):
+    mr, ct, labels = _pair()
+    mask = sitk.BinaryDilate(sitk.Cast(labels > 0, sitk.sitkUInt8), [4, 4, 4])
+    transform = sitk.TranslationTransform(3, (0.3, -0.2, 0.1))
+    without = prealign._mutual_information(mr, ct, transform, moving_mask=mask)
+    monkeypatch.setattr(prealign, "_gradients_at_samples", lambda method: None)  # ITK's filters back on
+    assert prealign._mutual_information(mr, ct, transform, moving_mask=mask) == without
+
+
+def test_a_ct_beyond_the_voxel_budget_is_still_aligned(monkeypatch):
+    shift = np.array([2.0, -1.5, 1.0])
+    mr, ct, labels = _pair(tuple(shift))
+    monkeypatch.setattr(prealign, "GRADIENT_FILTER_MAX_VOXELS", 1000)  # every CT counts as large
+    used = []
+    inner = prealign._gradients_at_samples
+    monkeypatch.setattr(prealign, "_gradients_at_samples", lambda method: used.append(1) or inner(method))
+    found = prealign.automatic_prealignment(mr, ct, labels)
+    assert len(used) > 4  # the registrations too, not only the metric values
+    centre = np.mean(list(prealign.label_centroids(labels).values()), axis=0)
+    moved = found.matrix[:3, :3] @ (centre - shift) + found.matrix[:3, 3]  # the MR point of the spine centre
+    assert np.linalg.norm(moved - centre) < 0.5
