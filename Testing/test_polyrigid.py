@@ -12,7 +12,6 @@ from SpineRigidRegLib.jacobian import determinant, jacobian_matrix, orthonormali
 from SpineRigidRegLib.polyrigid import (
     ROTATION_RADIUS_MM,
     SampledProblem,
-    StageImages,
     VertebraFit,
     VertebraFrames,
     VertebraRigidSettings,
@@ -21,6 +20,7 @@ from SpineRigidRegLib.polyrigid import (
     rigid_velocity,
     vertebra_frames,
 )
+from SpineRigidRegLib.processing import ProcessingPair
 from SpineRigidRegLib.warp import identity_grid, integrate_velocity, resize_displacement, warp
 
 
@@ -90,8 +90,7 @@ def test_after_recentring_the_sampled_loss_sees_each_point_where_the_integrated_
         settings.partition_mm,
     )
     fit = VertebraFit(settings, frames, torch.zeros(1, 3, 32, 24, 24), torch.roll(labels, 1, dims=2), 7, None, None)
-    images = StageImages(fixed, moving, torch.roll(labels, 1, dims=2), (1.0, 1.0, 1.0), None, None, None)
-    problem = SampledProblem(fit, images)
+    problem = SampledProblem(fit, ProcessingPair(fixed, moving, torch.roll(labels, 1, dims=2), (1.0, 1.0, 1.0)))
     fit.parameters = torch.tensor([[0.0, 1.5, 0.0, 2.0, 0.0, 0.0], [0.0, -1.0, 0.5, 0.0, 0.0, -3.0]])
     fit.recentre()
     problem.loss(fit.bounded(), 0)  # a refresh step: owners and the correction
@@ -160,7 +159,7 @@ def test_a_known_shift_of_the_vertebrae_is_recovered_and_each_stays_rigid(simila
     labels, moving, fixed, truth = shifted_pair([1.5, -1.0, 0.8], (8, 6, 6), seed=0, shape=shape)
     settings = VertebraRigidSettings(steps=40, similarity=similarity)
     velocity, motions = refine_vertebrae_rigidly(
-        torch.zeros(1, 3, *shape), fixed, moving, labels, (1.0, 1.0, 1.0), settings
+        torch.zeros(1, 3, *shape), ProcessingPair(fixed, moving, labels, (1.0, 1.0, 1.0)), settings
     )
     displacement = integrate_velocity(velocity, 7)
     for value in (20, 21):
@@ -176,10 +175,11 @@ def test_zero_steps_or_excluded_vertebrae_leave_the_velocity_alone_and_bad_setti
     labels = two_vertebrae()
     velocity = torch.randn(1, 3, 32, 24, 24)
     image = torch.rand(1, 1, 32, 24, 24)
-    out, motions = refine_vertebrae_rigidly(velocity, image, image, labels, (1, 1, 1), VertebraRigidSettings(steps=0))
+    pair = ProcessingPair(image, image, labels, (1.0, 1.0, 1.0))
+    out, motions = refine_vertebrae_rigidly(velocity, pair, VertebraRigidSettings(steps=0))
     assert torch.equal(out, velocity) and motions == {}
     out, motions = refine_vertebrae_rigidly(
-        velocity, image, image, labels, (1, 1, 1), VertebraRigidSettings(steps=2), vertebra_weights={20: 0, 21: 0}
+        velocity, pair, VertebraRigidSettings(steps=2), vertebra_weights={20: 0, 21: 0}
     )
     assert torch.equal(out, velocity) and motions == {}
     with pytest.raises(InputError, match="similarity"):
@@ -199,9 +199,8 @@ def test_a_sub_voxel_shift_is_recovered_with_a_velocity_on_a_grid_half_as_fine()
     shape = (32, 24, 24)
     labels, moving, fixed, truth = shifted_pair([0.6, -0.4, 0.5], (16, 12, 12), seed=1, shape=shape)
     coarse = tuple(s // 2 for s in shape)
-    velocity, _ = refine_vertebrae_rigidly(
-        torch.zeros(1, 3, *coarse), fixed, moving, labels, (1.0, 1.0, 1.0), VertebraRigidSettings(steps=40)
-    )
+    pair = ProcessingPair(fixed, moving, labels, (1.0, 1.0, 1.0))
+    velocity, _ = refine_vertebrae_rigidly(torch.zeros(1, 3, *coarse), pair, VertebraRigidSettings(steps=40))
     displacement = resize_displacement(integrate_velocity(velocity, 7), shape)
     for value in (20, 21):
         region = labels[0, 0] == value
@@ -237,12 +236,8 @@ def test_a_vertebra_cut_by_the_fields_of_view_follows_the_anatomy_not_their_edge
         masks = {"fixed_mask": inside, "moving_mask": inside} if masked else {}
         velocity, _ = refine_vertebrae_rigidly(
             torch.zeros(1, 3, *shape),
-            fixed,
-            moving,
-            labels,
-            (1.0, 1.0, 1.0),
+            ProcessingPair(fixed, moving, labels, (1.0, 1.0, 1.0), **masks),
             VertebraRigidSettings(steps=40, similarity=similarity),
-            **masks,
         )
         displacement = integrate_velocity(velocity, 7)
         errors[masked] = [

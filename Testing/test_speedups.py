@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from SpineRigidRegLib import warp as warp_module
 from SpineRigidRegLib.geometry import voxel_to_normalized
 from SpineRigidRegLib.losses import RIGIDITY_LOSSES, diffusion_loss, mind_loss
+from SpineRigidRegLib.processing import ProcessingPair
 from SpineRigidRegLib.refine import RefineWeights, refine_velocity
 from SpineRigidRegLib.warp import identity_grid, integrate_velocity, sample_at
 
@@ -97,7 +98,8 @@ def test_refinement_steps_equal_the_separate_loss_definitions():
     velocity = smooth_field(shape, amplitude=1.5, seed=2)
     spacing = (1.5, 1.2, 1.0)
     weights = RefineWeights(rigid_dice=0.2, volume=0.1)
-    refined = refine_velocity(velocity, fixed, moving, labels, spacing, steps=3, weights=weights, integration_steps=4)
+    pair = ProcessingPair(fixed, moving, labels, spacing)
+    refined = refine_velocity(velocity, pair, steps=3, weights=weights, integration_steps=4)
 
     v = velocity.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([v], lr=weights.learning_rate)

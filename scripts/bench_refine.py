@@ -107,6 +107,7 @@ def measure(shape: tuple[int, int, int], args: argparse.Namespace) -> dict[str, 
     from SpineRigidRegLib.losses import rigidity as rigidity_module
     from SpineRigidRegLib.losses.similarity import mind_loss, mind_ssc
     from SpineRigidRegLib.losses.smoothness import diffusion_loss
+    from SpineRigidRegLib.processing import ProcessingPair
     from SpineRigidRegLib.refine import refine_velocity
     from SpineRigidRegLib.warp import integrate_velocity, warp
 
@@ -153,7 +154,7 @@ def measure(shape: tuple[int, int, int], args: argparse.Namespace) -> dict[str, 
 
     def run(steps: int) -> float:
         start = time.perf_counter()
-        refine_velocity(velocity, fixed, moving, labels, SPACING, steps=steps)
+        refine_velocity(velocity, ProcessingPair(fixed, moving, labels, SPACING), steps=steps)
         return time.perf_counter() - start
 
     run(1)

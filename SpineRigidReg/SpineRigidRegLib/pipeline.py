@@ -111,19 +111,14 @@ def register_prealigned(
     common = dict(
         integration_steps=network.config.integration_steps,
         vertebra_weights=settings.vertebra_weights,
-        fixed_mask=pair.fixed_mask,
-        moving_mask=pair.moving_mask,
-        point_pairs=pair.point_pairs,
         should_cancel=should_cancel,
     )
-    images = (pair.fixed, pair.moving, pair.moving_labels, pair.spacing)
     if rigid:
         velocity, _ = refine_vertebrae_rigidly(
             velocity,
-            *images,
+            pair,
             settings.vertebra_rigid,
             progress=None if progress is None else lambda f, m: progress(rigid_share * f, m),
-            fixed_slices=pair.fixed_slices,
             **common,
         )
     timings["vertebra_rigid"] = time.perf_counter() - start
@@ -131,7 +126,7 @@ def register_prealigned(
     start = time.perf_counter()
     velocity = refine_velocity(
         velocity,
-        *images,
+        pair,
         settings.refine_steps,
         settings.refine_weights,
         progress=None if progress is None else lambda f, m: progress(rigid_share + (1.0 - rigid_share) * f, m),

@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import SimpleITK as sitk
 import torch
@@ -43,7 +43,7 @@ from .warp import (
 )
 
 if TYPE_CHECKING:
-    from .processing import SliceProfile
+    from .processing import ProcessingPair, SliceProfile
 
 #: Midpoint steps integrating the sampled voxels' paths during the optimisation (the result is then integrated by
 #: scaling and squaring like every velocity).
@@ -224,41 +224,29 @@ def rigid_velocity(parameters: torch.Tensor, frames: VertebraFrames) -> torch.Te
 
 def refine_vertebrae_rigidly(
     velocity: torch.Tensor,
-    fixed: torch.Tensor,
-    moving: torch.Tensor,
-    moving_labels: torch.Tensor,
-    spacing: Sequence[float],
+    pair: ProcessingPair,
     settings: VertebraRigidSettings = VertebraRigidSettings(),
     integration_steps: int = 7,
     vertebra_weights: Mapping[int, float] | None = None,
-    fixed_mask: torch.Tensor | None = None,
-    moving_mask: torch.Tensor | None = None,
-    point_pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
     progress: Callable[[float, str], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
-    fixed_slices: SliceProfile | None = None,
 ) -> tuple[torch.Tensor, dict[int, list[float]]]:
     """Add one optimised rigid motion per vertebra to ``velocity``.
 
-    With the masks the images are compared only where both hold data (:func:`.warp.overlap_mask`): without them
-    a vertebra cut by the edge of a field of view was held to that edge (the cut top vertebra of the four real
-    benchmark pairs: TRE 0.38-2.02 mm without the masks, 0.22-0.64 mm with them).
+    With the pair's data masks the images are compared only where both hold data (:func:`.warp.overlap_mask`):
+    without them a vertebra cut by the edge of a field of view was held to that edge (the cut top vertebra of the
+    four real benchmark pairs: TRE 0.38-2.02 mm without the masks, 0.22-0.64 mm with them); a voxel whose warped
+    position falls outside the moving mask is left out of the comparison.
 
     Args:
         velocity: ``(1, 3, d, h, w)`` starting velocity (the network's) in voxels of its grid.
-        fixed, moving: ``(1, 1, D, H, W)`` normalised images on the full grid.
-        moving_labels: ``(1, 1, D, H, W)`` vertebra labels of the moving image on the full grid.
-        spacing: Full-grid mm per voxel, array order.
+        pair: The pair on its full grid (:class:`.processing.ProcessingPair`). Its point pairs ``(fixed points,
+            targets)`` in full-grid voxels pull each fixed point to its target (``settings.points_weight``); a pair
+            away from every vertebra's weights cannot move anything here (the dense refinement can). Its
+            ``fixed_slices`` (a thick-slice MR's own voxels on the grid) serve ``settings.slice_model``.
         settings: Steps, step size, fall-off, similarity and limits.
+        integration_steps: Scaling-and-squaring steps of the velocity.
         vertebra_weights: Label -> weight; a vertebra with weight 0 is left where the network put it.
-        fixed_mask: ``(1, 1, D, H, W)`` where the MR has data (``None``: everywhere).
-        moving_mask: ``(1, 1, D, H, W)`` where the pre-aligned CT has data (``None``: everywhere); a voxel whose
-            warped position falls outside it is left out of the comparison.
-        point_pairs: ``(fixed points (N, 3), target points (N, 3))`` in full-grid voxels (array order): the map
-            should send each fixed point to its target (``settings.points_weight``). A pair away from every
-            vertebra's weights cannot move anything here (the dense refinement can).
-        fixed_slices: Where a thick-slice MR's own voxels lie on the grid (:func:`.processing.slice_profile`), for
-            ``settings.slice_model``. ``None``: the grid's voxels, the CT at points.
 
     Returns:
         ``(velocity (1, 3, d, h, w) detached, {label: [tx, ty, tz (mm), rotation angle (deg)]})``; the velocity is
@@ -268,22 +256,20 @@ def refine_vertebrae_rigidly(
         return velocity.detach(), {}
     base = velocity.detach()
     grid = tuple(base.shape[2:])
-    labels_g = to_grid(moving_labels.float(), grid, mode="nearest").long()
+    labels_g = to_grid(pair.moving_labels.float(), grid, mode="nearest").long()
     values = _weighted_labels(labels_g, vertebra_weights)
     if values is not None and not values:
         return base, {}
-    full = tuple(fixed.shape[2:])
-    grid_spacing = [s * (f - 1) / max(g - 1, 1) for s, f, g in zip(spacing, full, grid)]
+    full = tuple(pair.fixed.shape[2:])
+    grid_spacing = [s * (f - 1) / max(g - 1, 1) for s, f, g in zip(pair.spacing, full, grid)]
     frames = vertebra_frames(
         labels_g, grid_spacing, settings.sigma_mm, values, settings.margin_mm, settings.partition_mm
     )
     fit = VertebraFit(settings, frames, base, labels_g, integration_steps, progress, should_cancel)
-    slices = fixed_slices if settings.slice_model else None
-    images = StageImages(fixed, moving, moving_labels, spacing, fixed_mask, moving_mask, point_pairs, slices)
     if settings.similarity == "nmi" and settings.samples > 0:
-        problem: _Problem = SampledProblem(fit, images)
+        problem: _Problem = SampledProblem(fit, pair)
     else:
-        problem = _DenseProblem(fit, images)
+        problem = _DenseProblem(fit, pair)
     fit.run(problem, recentre_at=settings.steps // 2)
     with torch.no_grad():
         fit.recentre()
@@ -304,19 +290,6 @@ def _weighted_labels(labels: torch.Tensor, vertebra_weights: Mapping[int, float]
     if not vertebra_weights:
         return None
     return sorted(int(v) for v in torch.unique(labels).tolist() if v > 0 and vertebra_weights.get(int(v), 1.0) > 0)
-
-
-class StageImages(NamedTuple):
-    """What the stage compares, on the full grid (see :func:`refine_vertebrae_rigidly` for each)."""
-
-    fixed: torch.Tensor
-    moving: torch.Tensor
-    moving_labels: torch.Tensor
-    spacing: Sequence[float]
-    fixed_mask: torch.Tensor | None
-    moving_mask: torch.Tensor | None
-    point_pairs: tuple[torch.Tensor, torch.Tensor] | None
-    fixed_slices: SliceProfile | None = None
 
 
 class VertebraFit:
@@ -429,16 +402,18 @@ class SampledProblem:
     be. The network's field enters the closed form as a fixed displacement; the correction makes it exact too.
     """
 
-    def __init__(self, fit: VertebraFit, images: StageImages) -> None:
-        fixed, moving, moving_labels, spacing, fixed_mask, moving_mask, point_pairs, slices = images
+    def __init__(self, fit: VertebraFit, pair: ProcessingPair) -> None:
+        fixed, moving, spacing, fixed_mask = pair.fixed, pair.moving, pair.spacing, pair.fixed_mask
+        point_pairs = pair.point_pairs
         settings, frames = fit.settings, fit.frames
-        region = _bone_band(moving_labels, frames.labels, spacing, settings.sample_band_mm)
+        slices = pair.fixed_slices if settings.slice_model else None
+        region = _bone_band(pair.moving_labels, frames.labels, spacing, settings.sample_band_mm)
         if fixed_mask is not None:
             region = region & (fixed_mask > 0)
         index = _sample_points(region.flatten(), settings.samples)
         if index.numel() == 0:
             raise InputError("the MR's field of view does not reach the CT vertebrae after pre-alignment")
-        self.fit, self.moving_frames, self.moving, self.moving_mask = fit, frames, moving, moving_mask
+        self.fit, self.moving_frames, self.moving, self.moving_mask = fit, frames, moving, pair.moving_mask
         self.step_mm = torch.tensor([float(s) for s in spacing], device=fixed.device)
         self.grid_mm = torch.tensor(frames.spacing, device=fixed.device)
         self.fixed, self.slices, self.taps = fixed, slices, None
@@ -533,8 +508,9 @@ class _DenseProblem:
     """The similarity over the velocity's whole grid after integrating the whole map by scaling and squaring (MIND,
     NGF, or NMI without samples); point pairs follow the velocity (:func:`_flow`). Reads the fit's current frames."""
 
-    def __init__(self, fit: VertebraFit, images: StageImages) -> None:
-        fixed, moving, _, spacing, fixed_mask, moving_mask, point_pairs, _ = images
+    def __init__(self, fit: VertebraFit, pair: ProcessingPair) -> None:
+        fixed, moving, spacing, point_pairs = pair.fixed, pair.moving, pair.spacing, pair.point_pairs
+        fixed_mask, moving_mask = pair.fixed_mask, pair.moving_mask
         grid, full = tuple(fit.base.shape[2:]), tuple(fixed.shape[2:])
         self.fit = fit
         self.fixed, self.moving = to_grid(fixed, grid), to_grid(moving, grid)

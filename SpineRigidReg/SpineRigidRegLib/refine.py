@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,6 +18,9 @@ from .errors import CancelledError
 from .losses.objective import Eq1Weights, eq1_loss
 from .losses.similarity import SIMILARITY_LOSSES, mind_ssc
 from .warp import integrate_velocity, overlap_mask, sample_at, to_grid, warp
+
+if TYPE_CHECKING:
+    from .processing import ProcessingPair
 
 
 @dataclass(frozen=True)
@@ -85,17 +89,11 @@ class _Problem:
 
 def refine_velocity(
     velocity: torch.Tensor,
-    fixed: torch.Tensor,
-    moving: torch.Tensor,
-    moving_labels: torch.Tensor,
-    spacing: Sequence[float],
+    pair: ProcessingPair,
     steps: int,
     weights: RefineWeights = RefineWeights(),
     integration_steps: int = 7,
-    point_pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
     vertebra_weights: Mapping[int, float] | None = None,
-    fixed_mask: torch.Tensor | None = None,
-    moving_mask: torch.Tensor | None = None,
     progress: Callable[[float, str], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
@@ -103,35 +101,21 @@ def refine_velocity(
 
     Args:
         velocity: ``(1, 3, d, h, w)`` initial velocity in voxels of its grid (often half the image grid).
-        fixed, moving: ``(1, 1, D, H, W)`` normalised images on the full grid.
-        moving_labels: ``(1, 1, D, H, W)`` integer vertebra labels of the moving image on the full grid.
-        spacing: Full-grid voxel size in mm, array order ``(D, H, W)``.
+        pair: The pair on its full grid (:class:`.processing.ProcessingPair`): the normalised images, the moving
+            vertebra labels, the spacing (mm, array order), the data masks (:func:`.warp.overlap_mask`) and the point
+            pairs ``(fixed points, targets)`` in full-grid voxels: the refined map should send each fixed point to
+            its target.
         steps: Number of Adam steps (0 returns ``velocity`` unchanged).
         weights: Loss weights.
         integration_steps: Scaling-and-squaring steps.
-        point_pairs: ``(fixed_points, target_points)``, each ``(N, 3)`` full-grid voxel coordinates (array
-            order): the refined map should send each fixed point to its target.
         vertebra_weights: Label -> multiplier of the rigidity terms (0 excludes that vertebra).
-        fixed_mask, moving_mask: ``(1, 1, D, H, W)`` where each image has data (see :func:`overlap_mask`).
 
     Returns:
         ``(1, 3, d, h, w)`` refined velocity (detached).
     """
     if steps <= 0:
         return velocity.detach()
-    problem = _prepare_problem(
-        velocity,
-        fixed,
-        moving,
-        moving_labels,
-        spacing,
-        weights,
-        integration_steps=integration_steps,
-        point_pairs=point_pairs,
-        vertebra_weights=vertebra_weights,
-        fixed_mask=fixed_mask,
-        moving_mask=moving_mask,
-    )
+    problem = _prepare_problem(velocity, pair, weights, integration_steps, vertebra_weights)
     v = velocity.detach().clone().requires_grad_(True)
     optimizer = torch.optim.Adam([v], lr=weights.learning_rate)
     for step in range(steps):
@@ -145,30 +129,24 @@ def refine_velocity(
 
 def _prepare_problem(
     velocity: torch.Tensor,
-    fixed: torch.Tensor,
-    moving: torch.Tensor,
-    moving_labels: torch.Tensor,
-    spacing: Sequence[float],
+    pair: ProcessingPair,
     weights: RefineWeights,
-    *,
     integration_steps: int,
-    point_pairs: tuple[torch.Tensor, torch.Tensor] | None,
     vertebra_weights: Mapping[int, float] | None,
-    fixed_mask: torch.Tensor | None,
-    moving_mask: torch.Tensor | None,
 ) -> _Problem:
     """The pair, its masks and the point pairs resampled to the velocity's grid (arguments of
     :func:`refine_velocity`)."""
     grid = tuple(velocity.shape[2:])
-    full = tuple(fixed.shape[2:])
+    full = tuple(pair.fixed.shape[2:])
     ratio = [(f - 1) / max(g - 1, 1) for f, g in zip(full, grid)]
-    grid_spacing = [s * r for s, r in zip(spacing, ratio)]
-    fixed_g = to_grid(fixed, grid)
-    moving_g = to_grid(moving, grid)
-    labels_g = to_grid(moving_labels.float(), grid, mode="nearest").long()
+    grid_spacing = [s * r for s, r in zip(pair.spacing, ratio)]
+    fixed_g = to_grid(pair.fixed, grid)
+    moving_g = to_grid(pair.moving, grid)
+    labels_g = to_grid(pair.moving_labels.float(), grid, mode="nearest").long()
     fixed_mask_g, moving_mask_g = (
-        None if m is None else to_grid(m.float(), grid, mode="nearest") for m in (fixed_mask, moving_mask)
+        None if m is None else to_grid(m.float(), grid, mode="nearest") for m in (pair.fixed_mask, pair.moving_mask)
     )
+    points = pair.point_pairs
     return _Problem(
         fixed=fixed_g,
         moving=moving_g,
@@ -180,7 +158,7 @@ def _prepare_problem(
         weights=weights,
         integration_steps=integration_steps,
         vertebra_weights=vertebra_weights,
-        points=None if point_pairs is None else _point_term(point_pairs, ratio, spacing, velocity.device),
+        points=None if points is None else _point_term(points, ratio, pair.spacing, velocity.device),
     )
 
 
