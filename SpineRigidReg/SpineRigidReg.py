@@ -161,7 +161,7 @@ class SpineRigidRegParameterNode:
     ctCentres: Optional[vtkMRMLMarkupsFiducialNode]  # noqa: UP007, UP045 (parameterNodeWrapper reads typing.Union)
     mrCentres: Optional[vtkMRMLMarkupsFiducialNode]  # noqa: UP007, UP045 (parameterNodeWrapper reads typing.Union)
     # The core's RefineWeights defaults and the core's preset files (SpineRigidRegLib/presets) + "custom": this file
-    # imports no core before the dependency check, so they are repeated here, and Testing/test_module_files.py
+    # imports no core before the dependency check, so they are repeated here, and Testing/module/test_module_files.py
     # checks that they (and the .ui's) equal the core's.
     rigidityPreset: Annotated[str, Choice(["default", "strict", "soft", "custom"])] = "default"
     rigidField: Annotated[float, WithinRange(0.0, 10.0)] = 0.04

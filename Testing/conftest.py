@@ -1,4 +1,6 @@
-"""Shared pytest fixtures: the real-data folder and a seeded random generator."""
+"""Shared pytest fixtures (the real-data folder, seeded generators) and helpers of tests in several folders: the
+repository's root, the phantom command-line case, a DICOM series writer. Test modules import the helpers with
+``from conftest import ...`` (pytest puts this folder on ``sys.path``; keep the sub-folders free of ``conftest.py``)."""
 
 from __future__ import annotations
 
@@ -7,11 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
+
+#: The repository's root (this file is ``Testing/conftest.py``): tests in every folder find the package, its configs
+#: and ``Resources/`` from here rather than counting ``parents`` of their own file.
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 #: ``../shared/data`` relative to the repository root (present in the development workspace and in CI only), or the
 #: folder named by ``SRR_SHARED_DATA`` (a copy carried to a GPU machine).
-SHARED_DATA = Path(os.environ.get("SRR_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
+SHARED_DATA = Path(os.environ.get("SRR_SHARED_DATA") or REPO_ROOT.parent / "shared" / "data")
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +52,6 @@ def generator(seed: int) -> torch.Generator:
 def write_phantom_case(root: Path) -> dict[str, Path]:
     """A 3-vertebra phantom CT, its labels, an MR-like image (inverted CT) and a tiny untrained model, as files
     under ``root``: the inputs of the command-line tests."""
-    import SimpleITK as sitk
     from SpineRigidRegLib.checkpoint import save_checkpoint
     from SpineRigidRegLib.data.phantom import make_phantom
     from SpineRigidRegLib.network import NetworkConfig, RegistrationNet
@@ -60,3 +66,11 @@ def write_phantom_case(root: Path) -> dict[str, Path]:
     tiny = NetworkConfig(encoder_channels=(4, 4, 4, 4), decoder_channels=(4, 4, 4, 4), final_channels=(4,))
     save_checkpoint(paths["model"], RegistrationNet(tiny))
     return paths
+
+
+def write_dicom_series(image: sitk.Image, folder: Path, series_uid: str) -> None:
+    """A DICOM series folder of ``image`` (the public writer with a fixed series UID): used by the I/O and the
+    subject-folder tests."""
+    from SpineRigidRegLib import io
+
+    io.write_dicom_series(image, folder, series_uid=series_uid)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import write_dicom_series
 from SpineRigidRegLib import io
 from SpineRigidRegLib.errors import InputError
 
@@ -45,11 +46,6 @@ def test_image_round_trip_keeps_oblique_geometry(tmp_path: Path, suffix: str) ->
     image = oblique_image()
     path = io.write_image(image, tmp_path / "sub" / f"image{suffix}")  # the sub-folder is created
     assert_same_image(io.read_image(path), image)
-
-
-def write_dicom_series(image: sitk.Image, folder: Path, series_uid: str) -> None:
-    """Shared with test_subjects: the public writer with a fixed UID."""
-    io.write_dicom_series(image, folder, series_uid=series_uid)
 
 
 def test_dicom_series_folder_round_trip(tmp_path: Path) -> None:

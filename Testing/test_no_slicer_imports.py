@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO_ROOT
 
-CORE = Path(__file__).resolve().parents[1] / "SpineRigidReg" / "SpineRigidRegLib"
+CORE = REPO_ROOT / "SpineRigidReg" / "SpineRigidRegLib"
 FORBIDDEN = ("slicer", "vtk", "qt", "ctk", "pythonqt", "mrml")
 #: Other names of the same toolkits: VTK's split modules, Qt bindings, Slicer's wrapped MRML/CTK libraries.
 FORBIDDEN_PREFIXES = ("vtk", "slicer", "mrml", "ctk", "pythonqt", "pyqt", "pyside", "qsl")

@@ -47,7 +47,8 @@ run() {
     [[ -f .carry/runs.tar.gz ]] && tar xzf .carry/runs.tar.gz -C "$runs"
     rm -rf "${runs:?}/$stage2"
     if [[ $device == cuda* ]]; then
-        python3 -m pytest -q -p no:cacheprovider Testing/test_training.py -k gpu --tb=short 2>&1 | tail -60
+        python3 -m pytest -q -p no:cacheprovider Testing/training/test_pairs.py Testing/training/test_trainer.py \
+            -k gpu --tb=short 2>&1 | tail -60
     fi
     "${train[@]}" --config "$stage1" --out "$runs/$stage1" --resume \
         ${STAGE1_MINUTES:+--max-minutes "$STAGE1_MINUTES"} >"$out/stage1.log" 2>&1 || { tail -20 "$out/stage1.log"; return 1; }

@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from conftest import REPO_ROOT
 
 slicer = pytest.importorskip("slicer", reason="the slicer-core wheel (test extra) is not installed")
 vtk = pytest.importorskip("vtk")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SpineRigidReg"))
+sys.path.insert(0, str(REPO_ROOT / "SpineRigidReg"))
 
 from SpineRigidRegLib.data.phantom import make_phantom  # noqa: E402
 from SpineRigidRegLib.errors import CancelledError, InputError  # noqa: E402
@@ -610,7 +611,7 @@ def test_missing_or_unusable_inputs_are_refused_in_plain_words(scene_case):
 
 # ------------------------------------------------------------------------------- the sample case, via Slicer readers
 
-SAMPLE = Path(__file__).resolve().parents[1] / "Resources" / "SampleData"
+SAMPLE = REPO_ROOT / "Resources" / "SampleData"
 
 
 def read_with_slicer(scene, node_class: str, storage: object, path: Path, name: str):

@@ -6,11 +6,10 @@ import ast
 import fnmatch
 import re
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import pytest
+from conftest import REPO_ROOT as REPO
 
-REPO = Path(__file__).resolve().parents[1]
 MODULE_DIR = REPO / "SpineRigidReg"
 MODULE_FILE = MODULE_DIR / "SpineRigidReg.py"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "SpineRigidReg.ui"

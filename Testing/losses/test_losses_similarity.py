@@ -1,4 +1,4 @@
-"""MIND-SSC, NMI and NGF similarity losses, and the diffusion regulariser."""
+"""MIND-SSC, NMI and NGF similarity losses (the diffusion regulariser: test_smoothness.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import torch
 from SpineRigidRegLib.errors import InputError
 from SpineRigidRegLib.losses import (
     SIMILARITY_LOSSES,
-    DiffusionLoss,
     MINDSSCLoss,
     NGFLoss,
     NMILoss,
@@ -207,17 +206,6 @@ def test_gradcheck_similarity_losses():
     assert torch.autograd.gradcheck(lambda w: nmi_loss(fixed[..., :5, :5, :5], w, bins=8), (small,))
 
 
-def test_diffusion_loss_values_and_gradcheck():
-    constant = torch.full((2, 3, 5, 6, 7), 3.5, dtype=torch.float64)
-    assert float(diffusion_loss(constant)) == 0.0
-    ramp = torch.zeros(1, 3, 5, 6, 7, dtype=torch.float64)
-    ramp[:, 1] = 0.5 * torch.arange(7, dtype=torch.float64)  # forward difference 0.5 along W only
-    assert float(diffusion_loss(ramp)) == pytest.approx((0.25 / 3) / 3)  # (1/3) * mean over channels of (0, .25, 0)
-    field = torch.randn(1, 3, 5, 5, 5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(diffusion_loss, (field,))
-    assert float(DiffusionLoss()(ramp)) == float(diffusion_loss(ramp))
-
-
 # ------------------------------------------------------------------------------------------------------ API
 def test_modules_and_registry_match_the_functions():
     a, b = smooth_phantom(10), smooth_phantom(10, shift=1.0)
@@ -266,8 +254,6 @@ def test_bad_parameters_raise():
         ngf_loss(img, img, spacing=(1.0, -1.0, 1.0))
     with pytest.raises(InputError):
         mind_loss(img, img, mask=torch.zeros_like(img))
-    with pytest.raises(InputError):
-        diffusion_loss(torch.zeros(1, 2, 4, 4, 4))
 
 
 # ------------------------------------------------------------------------- fast MIND == its first definition

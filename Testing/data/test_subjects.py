@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import write_dicom_series
 from SpineRigidRegLib import io
 from SpineRigidRegLib.data.phantom import make_phantom
 from SpineRigidRegLib.data.subjects import Subject, classify, find_subjects, load_subject
 from SpineRigidRegLib.errors import InputError
-from test_io import write_dicom_series
 
 
 @pytest.fixture(scope="module")
