@@ -220,7 +220,7 @@ def test_refinement_steps_change_the_field_and_honour_point_pairs(phantom, netwo
 def test_point_pairs_on_a_vertebra_move_it_rigidly_on_a_re_run_without_dense_refinement(phantom, network):
     """The manual correction: point pairs on one vertebra, re-run from the previous result with no dense step. The
     vertebra-wise stage runs again with the pairs: that vertebra follows them (4 mm, more than its optimiser's steps
-    travel) and stays rigid, the others stay where they were."""
+    travel) and stays rigid; the others are not fitted again and stay exactly where they were."""
     mr = oblique_mr(phantom, sitk.Euler3DTransform())
     settings = pipeline.RegistrationSettings(device="cpu", refine_steps=0, margin_mm=8.0)
     velocity = torch.zeros_like(
@@ -247,7 +247,7 @@ def test_point_pairs_on_a_vertebra_move_it_rigidly_on_a_re_run_without_dense_ref
             moved = np.asarray(second.transform.TransformPoint(tuple(centre))) - first.transform.TransformPoint(
                 tuple(centre)
             )
-            assert np.linalg.norm(moved) < 0.7, (value, moved)
+            assert np.linalg.norm(moved) < 0.01, (value, moved)  # mm (re-fitted as well, they moved up to 0.7)
 
 
 def test_progress_is_monotonic_and_cancel_raises(phantom, network):

@@ -264,3 +264,19 @@ def test_the_overlap_mask_is_where_the_fixed_image_and_the_warped_moving_image_b
     half[:, 0] = -2.6  # fixed voxel 5 reads moving 2.4, whose stencil touches voxel 2, outside the CT
     assert overlap_mask(None, moving_mask, half)[0, 0, :, 3, 3].tolist() == [0, 0, 0, 0, 0, 0, 1, 1]
     assert torch.equal(overlap_mask(fixed_mask, None, shift), fixed_mask.float())
+
+
+def test_a_held_vertebra_keeps_its_start_and_its_zone_while_its_neighbour_moves():
+    """Weight 0 (and a correction's vertebrae without points) hold a vertebra at the start's motion. Its frame stays in
+    the blend, so its neighbour's motion stops at the partition between them instead of reaching into it (a held
+    vertebra left out of the frames was bent by its neighbour: the free one's zone then ran over it)."""
+    shape = (32, 24, 24)
+    labels, moving, fixed, truth = shifted_pair([1.5, -1.0, 0.8], (8, 6, 6), seed=0, shape=shape)
+    pair = ProcessingPair(fixed, moving, labels, (1.0, 1.0, 1.0))
+    settings = VertebraRigidSettings(steps=40, margin_mm=6.0)
+    velocity, motions = refine_vertebrae_rigidly(torch.zeros(1, 3, *shape), pair, settings, vertebra_weights={20: 0})
+    displacement = integrate_velocity(velocity, 7)
+    assert set(motions) == {21}
+    held, free = labels[0, 0] == 20, labels[0, 0] == 21
+    assert float(displacement[0][:, held].norm(dim=0).max()) < 0.05  # voxels: vertebra 20 did not move at all
+    assert float((displacement[0][:, free] - truth[0][:, free]).norm(dim=0).mean()) < 0.2  # vertebra 21 was found

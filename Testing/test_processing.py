@@ -1,4 +1,5 @@
-"""The pair on its processing grid (`processing.py`): where a thick-slice MR's own voxels lie on it."""
+"""The pair on its processing grid (`processing.py`): where a thick-slice MR's own voxels lie on it, which vertebrae
+its point pairs lie on."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 from SpineRigidRegLib.geometry import Geometry
-from SpineRigidRegLib.processing import ProcessingPair, slice_profile
+from SpineRigidRegLib.processing import ProcessingPair, slice_profile, vertebrae_at_points
 
 
 def _mr_grid(spacing, direction=None) -> Geometry:
@@ -49,3 +50,24 @@ def test_the_profile_travels_with_the_pair():
     volume = torch.zeros((1, 1, 4, 4, 4))
     pair = ProcessingPair(volume, volume, volume.long(), (1.0, 1.0, 1.0), fixed_slices=profile)
     assert pair.to("cpu").fixed_slices == profile
+
+
+def test_point_pairs_name_the_vertebra_their_ct_point_lies_on_or_next_to():
+    labels = torch.zeros(1, 1, 40, 20, 20, dtype=torch.int64)
+    labels[..., 2:12, 5:15, 5:15] = 20
+    labels[..., 16:26, 5:15, 5:15] = 21
+    labels[..., 30:38, 5:15, 5:15] = 22
+    image = torch.zeros(1, 1, 40, 20, 20)
+
+    def pointed(*ct_points, spacing=(1.0, 1.0, 1.0)):
+        targets = torch.tensor(ct_points, dtype=torch.float32)
+        return vertebrae_at_points(ProcessingPair(image, image, labels, spacing, point_pairs=(targets * 0, targets)))
+
+    assert pointed([20.0, 10.0, 10.0]) == [21]  # inside
+    assert pointed([12.5, 10.0, 10.0]) == [20]  # 1.5 mm beyond its surface (points sit on the bone's edge)
+    assert pointed([14.5, 10.0, 10.0]) == [21]  # nearer the next one
+    assert pointed([14.0, 10.0, 10.0], spacing=(2.0, 1.0, 1.0)) == []  # 4 and 6 mm away at 2 mm slices
+    assert pointed([20.0, 10.0, 10.0], [34.0, 9.0, 9.0], [21.0, 8.0, 8.0]) == [21, 22]
+    assert pointed([20.0, 1.0, 1.0]) == []  # soft tissue, 4 mm from any vertebra
+    assert pointed([-30.0, 10.0, 10.0]) == []  # outside the grid
+    assert vertebrae_at_points(ProcessingPair(image, image, labels, (1.0, 1.0, 1.0))) == []

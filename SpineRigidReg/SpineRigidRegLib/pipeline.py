@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -42,7 +42,14 @@ from .outputs import write_outputs
 from .polyrigid import refine_vertebrae_rigidly
 from .prealign import Prealignment, prealign
 from .preprocess import resample_to_reference
-from .processing import MAX_GRID_VOXELS, ProcessingPair, check_memory, processing_grid, to_processing_grid
+from .processing import (
+    MAX_GRID_VOXELS,
+    ProcessingPair,
+    check_memory,
+    processing_grid,
+    to_processing_grid,
+    vertebrae_at_points,
+)
 from .refine import RefineWeights, refine_velocity
 from .result import MAX_VOLUME_CHANGE_PERCENT, RegistrationResult, check_plausible
 from .segmentation.align import bone_prealignment
@@ -104,20 +111,22 @@ def register_prealigned(
     timings["network"] = time.perf_counter() - start
     _check_cancel(should_cancel)
     start = time.perf_counter()
-    # A re-run from a previous result keeps that result's vertebra motions, unless point pairs correct them: each
-    # vertebra then follows the points on it rigidly (the dense refinement after it bends what lies between).
-    rigid = settings.vertebra_rigid.steps > 0 and (initial_velocity is None or pair.point_pairs is not None)
+    # A re-run from a previous result keeps that result's vertebra motions, unless point pairs correct them: the
+    # vertebrae with points on them then follow their points rigidly, the others stay as they were (the dense
+    # refinement after it bends what lies between).
+    rigid_weights, rigid_settings = settings.vertebra_weights, settings.vertebra_rigid
+    if initial_velocity is not None:
+        rigid_weights = _pointed_only(pair, settings.vertebra_weights)
+        rigid_settings = replace(rigid_settings, steps=min(rigid_settings.steps, rigid_settings.correction_steps))
+    rigid = rigid_settings.steps > 0 and (initial_velocity is None or bool(rigid_weights))
     rigid_share = (1.0 if settings.refine_steps == 0 else 0.5) if rigid else 0.0
-    common = dict(
-        integration_steps=network.config.integration_steps,
-        vertebra_weights=settings.vertebra_weights,
-        should_cancel=should_cancel,
-    )
+    common = dict(integration_steps=network.config.integration_steps, should_cancel=should_cancel)
     if rigid:
         velocity, _ = refine_vertebrae_rigidly(
             velocity,
             pair,
-            settings.vertebra_rigid,
+            rigid_settings,
+            vertebra_weights=rigid_weights,
             progress=None if progress is None else lambda f, m: progress(rigid_share * f, m),
             **common,
         )
@@ -129,6 +138,7 @@ def register_prealigned(
         pair,
         settings.refine_steps,
         settings.refine_weights,
+        vertebra_weights=settings.vertebra_weights,
         progress=None if progress is None else lambda f, m: progress(rigid_share + (1.0 - rigid_share) * f, m),
         **common,
     )
@@ -137,6 +147,15 @@ def register_prealigned(
     displacement = displacement_from_velocity(velocity, network.config.integration_steps, pair.fixed.shape[2:])
     timings["integration"] = time.perf_counter() - start
     return displacement, velocity, timings
+
+
+def _pointed_only(pair: ProcessingPair, weights: Mapping[int, float] | None) -> dict[int, float]:
+    """``weights`` (label -> weight) with every vertebra that no point pair lies on set to 0; empty when no point pair
+    lies on a vertebra that may move."""
+    pointed, weights = vertebrae_at_points(pair), weights or {}
+    present = torch.unique(pair.moving_labels).tolist()
+    chosen = {int(v): (weights.get(int(v), 1.0) if int(v) in pointed else 0.0) for v in present if v > 0}
+    return chosen if any(w > 0 for w in chosen.values()) else {}
 
 
 def network_velocity(pair: ProcessingPair, network: RegistrationNet) -> torch.Tensor:

@@ -142,6 +142,37 @@ def point_pairs_to_voxels(
     )
 
 
+#: How far from a point pair's CT point a vertebra may lie for the pair to be on it (mm): points are placed on the
+#: bone's surface, where the label map may end a voxel short.
+POINT_ON_VERTEBRA_MM = 3.0
+
+
+def vertebrae_at_points(pair: ProcessingPair) -> list[int]:
+    """The vertebra labels that the pair's point pairs lie on: for each CT point (pre-aligned, on the grid) the label
+    of the nearest vertebra voxel within :data:`POINT_ON_VERTEBRA_MM`, if any; sorted, no repeats."""
+    if pair.point_pairs is None:
+        return []
+    labels = pair.moving_labels[0, 0]
+    spacing = torch.tensor(pair.spacing, dtype=torch.float32, device=labels.device)
+    shape = torch.tensor(labels.shape, device=labels.device)
+    reach = torch.ceil(POINT_ON_VERTEBRA_MM / spacing).long()
+    found = set()
+    for point in pair.point_pairs[1].float().to(labels.device):
+        low = (point.floor().long() - reach).clamp_min(0)
+        high = torch.minimum(point.ceil().long() + reach + 1, shape)
+        if bool((high <= low).any()):
+            continue  # the point lies beyond the grid
+        window = labels[low[0] : high[0], low[1] : high[1], low[2] : high[2]]
+        voxels = window.nonzero()
+        if len(voxels) == 0:
+            continue
+        distances = (((voxels + low - point) * spacing) ** 2).sum(dim=1).sqrt()
+        nearest = int(distances.argmin())
+        if float(distances[nearest]) <= POINT_ON_VERTEBRA_MM:
+            found.add(int(window[tuple(voxels[nearest].tolist())]))
+    return sorted(found)
+
+
 @dataclass
 class ProcessingPair:
     """The pair as the network and the optimisation stages see it; every volume ``(1, 1, D, H, W)`` on one grid.
