@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
+from ..data.clinical import scaled_motion
 from ..data.phantom import make_phantom
 from ..data.synthesis import MR_CONTRASTS, SynthesisSettings, SyntheticPair, synthesize_pair
 from ..errors import InputError
@@ -104,18 +105,6 @@ class BenchmarkCase:
         )
 
 
-def _scaled_motion(settings: SynthesisSettings, scale: float) -> SynthesisSettings:
-    return replace(
-        settings,
-        max_flexion_deg=settings.max_flexion_deg * scale,
-        max_lateral_bending_deg=settings.max_lateral_bending_deg * scale,
-        max_axial_rotation_deg=settings.max_axial_rotation_deg * scale,
-        max_global_rotation_deg=settings.max_global_rotation_deg * scale,
-        max_translation_mm=settings.max_translation_mm * scale,
-        soft_tissue_amplitude_mm=settings.soft_tissue_amplitude_mm * scale,
-    )
-
-
 def phantom_anatomy(index: int, tiny: bool = False) -> dict:
     """The :func:`..data.phantom.make_phantom` arguments of phantom case ``index`` (varied anatomy, deterministic).
 
@@ -148,7 +137,7 @@ def phantom_case(index: int, seed: int, tiny: bool = False, settings: SynthesisS
     anatomy = phantom_anatomy(index, tiny)
     phantom = make_phantom(**anatomy)
     scale = MOTION_SCALES[index % len(MOTION_SCALES)]
-    synthesis = _scaled_motion(settings or SynthesisSettings(), scale)
+    synthesis = scaled_motion(settings or SynthesisSettings(), scale, vertebra_jitter=False)
     pair = synthesize_pair(phantom.ct, phantom.labels, synthesis, seed=seed, tissues=phantom.tissues)
     description = {
         "vertebrae": anatomy["num_vertebrae"],
@@ -169,7 +158,7 @@ def real_case(
 
     real = load_real_case(shared_data, spacing=1.0, margin_mm=margin_mm)
     scale = MOTION_SCALES[index % len(MOTION_SCALES)]
-    synthesis = _scaled_motion(settings or SynthesisSettings(), scale)
+    synthesis = scaled_motion(settings or SynthesisSettings(), scale, vertebra_jitter=False)
     pair = synthesize_pair(real.ct, real.labels, synthesis, seed=seed, tissues=real.tissues)
     geometry = Geometry.of(real.ct)
     description = {

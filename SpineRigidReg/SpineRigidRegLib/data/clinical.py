@@ -54,8 +54,11 @@ TEXTURE_AMPLITUDE = {
 }
 
 
-def scaled_motion(settings: SynthesisSettings, scale: float) -> SynthesisSettings:
-    """``settings`` with every motion range (global, per joint, per vertebra, soft tissue) multiplied by ``scale``."""
+def scaled_motion(settings: SynthesisSettings, scale: float, vertebra_jitter: bool = True) -> SynthesisSettings:
+    """``settings`` with every motion range (global, per joint, soft tissue, and with ``vertebra_jitter`` each
+    vertebra's own jitter) multiplied by ``scale``. The Table 1 cases keep their jitter at every scale
+    (``vertebra_jitter=False``), as their committed figures were made."""
+    jitter = scale if vertebra_jitter else 1.0
     return replace(
         settings,
         max_flexion_deg=settings.max_flexion_deg * scale,
@@ -63,7 +66,7 @@ def scaled_motion(settings: SynthesisSettings, scale: float) -> SynthesisSetting
         max_axial_rotation_deg=settings.max_axial_rotation_deg * scale,
         max_global_rotation_deg=settings.max_global_rotation_deg * scale,
         max_translation_mm=settings.max_translation_mm * scale,
-        max_vertebra_translation_mm=settings.max_vertebra_translation_mm * scale,
+        max_vertebra_translation_mm=settings.max_vertebra_translation_mm * jitter,
         soft_tissue_amplitude_mm=settings.soft_tissue_amplitude_mm * scale,
     )
 
