@@ -256,15 +256,14 @@ def _search(
         candidates = []
         for number, start in enumerate(starts):
             stage = _report_stage(progress, 0.4 * number / len(starts), 0.4 * (number + 1) / len(starts))
-            found = _mattes_mi(
-                fixed_f,
-                moving_f,
-                sitk.TranslationTransform(3, tuple(float(c) for c in start)),
-                stage,
-                moving_mask=moving_mask,
-            )
-            candidates.append((_mutual_information(fixed_f, moving_f, found, moving_mask=moving_mask), number, found))
-        translation = min(candidates)[2]
+            begin = sitk.TranslationTransform(3, tuple(float(c) for c in start))
+            found = _mattes_mi(fixed_f, moving_f, begin, stage, moving_mask=moving_mask)
+            # The start itself competes too: on a pair already in register the optimiser can end up worse than
+            # where it began (a tiny clinical-like pair: 0.5 mm off with MI 7 % worse than the scanner frames').
+            for transform in (found, begin):
+                value = _mutual_information(fixed_f, moving_f, transform, moving_mask=moving_mask)
+                candidates.append((value, len(candidates), transform))
+        translation = min(candidates, key=lambda c: c[:2])[2]
         initial.SetTranslation(tuple(float(c) for c in _matrix_of(translation)[:3, 3]))
         fixed_mask = sitk.Resample(moving_mask, fixed, translation, sitk.sitkNearestNeighbor, 0)
         result = _mattes_mi(
