@@ -74,7 +74,8 @@ to centre the views on that vertebra; <i>Show plot</i> charts the figures.</li>
 <li><b>Manual correction</b>: add corresponding points (a CT point and the MR point it must reach, same label or same
 order), raise or lower the rigidity of chosen vertebrae or exclude one (fracture, cut by the field of view), then
 <i>Re-run refinement</i>: it starts from the current result; each vertebra with point pairs on it first moves
-rigidly onto them, then the refinement steps (0 = none) bend what lies between. <i>Undo</i> returns to the previous
+rigidly onto them (the others stay exactly where they were), then the refinement steps (0 = none) bend what lies
+between. <i>Undo</i> returns to the previous
 result.</li>
 </ol>
 <p>The same engine runs without Slicer: <code>srr-register --help</code>. Sample data: Sample Data module,
