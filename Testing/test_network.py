@@ -55,6 +55,8 @@ def test_output_shapes_on_non_cubic_inputs(resolution, input_resolution):
     factor = (1 if resolution == "full" else 2) * (1 if input_resolution == "full" else 2)
     assert out.velocity.shape == (2, 3, *(s // factor for s in shape))
     assert out.displacement.dtype == torch.float32 and torch.isfinite(out.displacement).all()
+    with torch.no_grad():  # the pipeline's call: the velocity alone, not integrated
+        assert torch.equal(net.velocity(fixed, moving, labels), out.velocity)
 
 
 def test_default_network_runs_on_a_small_non_cubic_input():

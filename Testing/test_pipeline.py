@@ -380,10 +380,10 @@ def test_mr_vertebrae_are_predicted_written_and_checked_per_vertebra(phantom, ne
 class _Spy(RegistrationNet):
     """A label-guided network that records the bone input it was given."""
 
-    def forward(self, fixed, moving, moving_labels=None, fixed_bone=None):
+    def velocity(self, fixed, moving, moving_labels=None, fixed_bone=None):
         self.seen_bone = fixed_bone
         self.seen_labels = moving_labels
-        return super().forward(fixed, moving, moving_labels, fixed_bone)
+        return super().velocity(fixed, moving, moving_labels, fixed_bone)
 
 
 def test_a_label_guided_network_gets_the_predicted_mr_bone_on_its_grid(phantom, monkeypatch):

@@ -221,6 +221,22 @@ def test_nmi_samples_stay_within_the_band_around_the_refined_vertebrae_in_mm():
     assert bool(band[8, 10, 0]) and bool(band[8, 10, 23])  # 6 voxels of 0.5 mm reach the grid's edges
 
 
+@pytest.mark.parametrize("values", [[20], [21], [20, 21], [5]])
+def test_the_band_dilated_on_the_bones_box_equals_the_whole_grids_dilation(values):
+    """The band is dilated only on the bone's bounding box plus its reach (speed); the result must be the whole
+    grid's dilation voxel for voxel, also where the box meets the grid's edges (a vertebra in a corner)."""
+    from SpineRigidRegLib.polyrigid import _bone_band
+
+    labels = two_vertebrae((40, 24, 30))
+    labels[:, :, 0:2, 0:3, 27:30] = 5
+    spacing, band_mm = (1.0, 2.0, 0.5), 4.0
+    bone = torch.isin(labels, torch.tensor(values)).float()
+    radii = [round(band_mm / s) for s in spacing]
+    whole = F.max_pool3d(bone, [2 * r + 1 for r in radii], stride=1, padding=radii) > 0
+    assert torch.equal(_bone_band(labels, values, spacing, band_mm), whole)
+    assert not bool(_bone_band(labels, [99], spacing, band_mm).any())
+
+
 @pytest.mark.parametrize("similarity", ["nmi", "mind"])
 def test_a_vertebra_cut_by_the_fields_of_view_follows_the_anatomy_not_their_edges(similarity):
     """The processing grid reaches past both images, which read 0 there: without the masks the edges of the two
@@ -281,3 +297,18 @@ def test_a_held_vertebra_keeps_its_start_and_its_zone_while_its_neighbour_moves(
     held, free = labels[0, 0] == 20, labels[0, 0] == 21
     assert float(displacement[0][:, held].norm(dim=0).max()) < 0.05  # voxels: vertebra 20 did not move at all
     assert float((displacement[0][:, free] - truth[0][:, free]).norm(dim=0).mean()) < 0.2  # vertebra 21 was found
+
+
+def test_the_ct_across_the_slices_is_the_mean_of_its_shifted_copies():
+    """The CT a thick MR slice sees (the slice model): for whole-voxel taps the mean of the shifted copies (edges
+    repeated); for fractional ones, on a linear ramp along the slices' axis, the ramp shifted by the taps' mean."""
+    from SpineRigidRegLib.polyrigid import _across_slices
+
+    gen = torch.Generator().manual_seed(3)
+    volume = torch.rand(1, 1, 7, 8, 9, generator=gen)
+    padded = torch.cat([volume[:, :, :, :1], volume, volume[:, :, :, -1:].expand(-1, -1, -1, 2, -1)], dim=3)
+    expected = (padded[:, :, :, 0:8] + padded[:, :, :, 1:9] + padded[:, :, :, 3:11]) / 3  # taps -1, 0, 2 on axis 1
+    assert torch.allclose(_across_slices(volume, 1, (-1.0, 0.0, 2.0)), expected)
+    ramp = torch.arange(20.0).view(1, 1, 1, 1, 20).expand(1, 1, 3, 4, 20).contiguous()
+    averaged = _across_slices(ramp, 2, (-1.25, -0.5, 0.25, 1.0))
+    assert torch.allclose(averaged[..., 2:18], ramp[..., 2:18] - 0.125)

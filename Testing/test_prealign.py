@@ -3,6 +3,8 @@ finds."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import SimpleITK as sitk
 from SpineRigidRegLib import prealign
@@ -49,3 +51,48 @@ def test_a_pair_in_register_keeps_the_scanner_frames_when_the_search_ends_worse(
     case = tiers.clinical_case(0, 4000, None, scale=0.0, tiny=True)
     found = prealign.automatic_prealignment(case.fixed, case.moving, case.moving_labels)
     assert np.abs(found.matrix - np.eye(4)).max() < 1e-6
+
+
+def _search_on(threads: int, monkeypatch) -> tuple[np.ndarray, set[int], list[int]]:
+    """The pre-alignment of :func:`_pair` with ``threads`` ITK threads: its matrix, the threads that ran a
+    registration, and those that reported progress."""
+    mr, ct, labels = _pair()
+    ran, reports = set(), []
+    monkeypatch.undo()  # a second call wraps the registration itself, not the first call's spy
+    inner = prealign._mattes_mi
+    monkeypatch.setattr(prealign, "_mattes_mi", lambda *a, **k: ran.add(threading.get_ident()) or inner(*a, **k))
+    previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    try:
+        found = prealign.automatic_prealignment(
+            mr, ct, labels, progress=lambda *_: reports.append(threading.get_ident())
+        )
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
+    return found.matrix, ran, reports
+
+
+def test_the_starts_searched_on_two_threads_find_what_one_thread_finds(monkeypatch):
+    """With two threads the second start searches beside the first, on its own copies of the images; the matrix
+    is the one-thread matrix to the last bit, and progress is reported from the calling thread only (a GUI's
+    callbacks must not run on a worker thread)."""
+    one, ran_one, _ = _search_on(1, monkeypatch)
+    two, ran_two, reports = _search_on(2, monkeypatch)
+    assert np.array_equal(one, two)
+    assert len(ran_one) == 1 and len(ran_two) == 2  # the parallel path did run
+    assert reports and set(reports) == {threading.get_ident()}
+
+
+def test_the_spine_region_dilated_on_its_box_is_the_whole_images_dilation():
+    """The search's spine region is dilated on the spine's bounding box only (speed): voxel for voxel what
+    ``BinaryDilate`` gives on the whole image, with the image's geometry, also for a spine at the image's corner."""
+    mask = sitk.Image(40, 30, 20, sitk.sitkUInt8)
+    mask.SetSpacing((0.7, 1.1, 2.5))
+    mask.SetOrigin((3.0, -2.0, 7.0))
+    for index in ((0, 0, 0), (39, 29, 19), (20, 15, 10)):
+        mask[index] = 1
+    for radius in ([3, 2, 1], [50, 50, 50]):
+        expected, got = sitk.BinaryDilate(mask, radius), prealign._dilated(mask, radius)
+        assert np.array_equal(sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(expected))
+        assert got.GetOrigin() == mask.GetOrigin() and got.GetSpacing() == mask.GetSpacing()
+    assert not sitk.GetArrayFromImage(prealign._dilated(mask * 0, [3, 3, 3])).any()

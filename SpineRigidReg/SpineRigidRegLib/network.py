@@ -148,6 +148,20 @@ class RegistrationNet(nn.Module):
         moving_labels: torch.Tensor | None = None,
         fixed_bone: torch.Tensor | None = None,
     ) -> RegistrationOutput:
+        velocity = self.velocity(fixed, moving, moving_labels, fixed_bone)
+        displacement = integrate_velocity(velocity, self.config.integration_steps)
+        displacement = resize_displacement(displacement, fixed.shape[2:])
+        return RegistrationOutput(displacement=displacement, velocity=velocity)
+
+    def velocity(
+        self,
+        fixed: torch.Tensor,
+        moving: torch.Tensor,
+        moving_labels: torch.Tensor | None = None,
+        fixed_bone: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The stationary velocity ``(B, 3, d, h, w)`` (voxels of its grid) alone, without integrating it: for a
+        caller that adds to it before integrating (the pipeline's vertebra-wise stage)."""
         x = self._inputs(fixed, moving, moving_labels, fixed_bone)
         skips = []
         for block in self.encoder:
@@ -159,10 +173,7 @@ class RegistrationNet(nn.Module):
             if level < self.levels:
                 x = F.interpolate(x, scale_factor=2.0, mode="nearest")
                 x = torch.cat([x, skips[-1 - level]], dim=1)
-        velocity = self.velocity_head(self.final(x))
-        displacement = integrate_velocity(velocity, self.config.integration_steps)
-        displacement = resize_displacement(displacement, fixed.shape[2:])
-        return RegistrationOutput(displacement=displacement, velocity=velocity)
+        return self.velocity_head(self.final(x))
 
     def _inputs(
         self,

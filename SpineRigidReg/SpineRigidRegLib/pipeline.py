@@ -166,7 +166,7 @@ def network_velocity(pair: ProcessingPair, network: RegistrationNet) -> torch.Te
         log.warning("the network takes the MR's predicted bone, and there is none: it runs on the images alone")
         fixed_bone = torch.zeros_like(pair.fixed)
     with torch.inference_mode():
-        return network(pair.fixed, pair.moving, pair.moving_labels, fixed_bone).velocity.clone()
+        return network.velocity(pair.fixed, pair.moving, pair.moving_labels, fixed_bone).clone()
 
 
 def displacement_from_velocity(velocity: torch.Tensor, integration_steps: int, shape: Sequence[int]) -> torch.Tensor:

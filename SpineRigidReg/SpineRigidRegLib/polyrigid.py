@@ -432,10 +432,15 @@ class SampledProblem:
         index = _sample_points(region.flatten(), settings.samples)
         if index.numel() == 0:
             raise InputError("the MR's field of view does not reach the CT vertebrae after pre-alignment")
-        self.fit, self.moving_frames, self.moving, self.moving_mask = fit, frames, moving, pair.moving_mask
+        self.fit, self.moving_frames, self.moving = fit, frames, moving
+        # Converted once: each step samples it (a bool mask would be converted to float at every step).
+        self.moving_mask = None if pair.moving_mask is None else pair.moving_mask.float()
         self.step_mm = torch.tensor([float(s) for s in spacing], device=fixed.device)
         self.grid_mm = torch.tensor(frames.spacing, device=fixed.device)
-        self.fixed, self.slices, self.taps = fixed, slices, None
+        self.fixed, self.slices = fixed, slices
+        #: The CT the similarity reads: ``moving``, or after :meth:`_compare_as_slices` its average across the slices.
+        self.moving_across_slices = moving
+        self.base_map = _base_displacement(fit.base, fit.integration_steps)
         self.sources = self.pair_targets_mm = torch.zeros(0, 3, device=fixed.device)
         if point_pairs is not None and len(point_pairs[0]) and settings.points_weight > 0:
             self.sources, targets = (p.to(fixed.device).float() for p in point_pairs)
@@ -454,9 +459,7 @@ class SampledProblem:
         )
         self.sample_count = len(voxels)
         self.points_mm = torch.cat([voxels, self.sources]) * self.step_mm  # (N + M, 3): the samples, pair sources
-        self.base_mm = _displacement_mm(
-            self.fit.base, self.fit.integration_steps, self.points_mm, self.moving_frames.spacing
-        )
+        self.base_mm = _displacement_mm(self.base_map, self.points_mm, self.moving_frames.spacing)
         self.weights = torch.zeros(len(self.fit.frames.labels), len(self.points_mm), device=values.device)
         self.correction = torch.zeros_like(self.points_mm)
 
@@ -467,8 +470,7 @@ class SampledProblem:
         slices, self.slices = self.slices, None
         voxels = _mr_voxel_centres(self.points_mm[: self.sample_count] / self.step_mm, slices)
         values = sample_at(self.fixed, voxels.T.reshape(1, 3, -1, 1, 1), padding_mode="border").flatten()
-        self.taps = torch.zeros(3, len(slices.taps), device=values.device)
-        self.taps[slices.axis] = torch.tensor(slices.taps, device=values.device)
+        self.moving_across_slices = _across_slices(self.moving, slices.axis, slices.taps)
         self._compare_at(voxels, values)
 
     def owners(self, bounded: torch.Tensor) -> torch.Tensor:
@@ -507,13 +509,10 @@ class SampledProblem:
         return loss
 
     def moving_at(self, at: torch.Tensor) -> torch.Tensor:
-        """The CT at voxel positions ``at`` ``(1, 3, N, 1, 1)``: ``(1, 1, N, 1, 1)``, averaged across the MR's slice
-        thickness (along the grid axis of the slices' normal: rotations of a few degrees are left out) when the
-        MR is a thick-slice stack."""
-        if self.taps is None:
-            return sample_at(self.moving, at, padding_mode="border")
-        spread = at + self.taps.view(1, 3, 1, -1, 1)  # (1, 3, N, T, 1)
-        return sample_at(self.moving, spread, padding_mode="border").mean(dim=3, keepdim=True)
+        """The CT at voxel positions ``at`` ``(1, 3, N, 1, 1)``: ``(1, 1, N, 1, 1)``; from the switch to the MR's own
+        voxels on a thick-slice MR, the CT averaged across the MR's slice thickness (along the grid axis of the
+        slices' normal: rotations of a few degrees are left out)."""
+        return sample_at(self.moving_across_slices, at, padding_mode="border")
 
     def pair_offsets(self, bounded: torch.Tensor) -> dict[int, torch.Tensor]:
         if not len(self.pair_targets_mm):
@@ -565,6 +564,31 @@ class _DenseProblem:
             return {}
         owner = sample_at(self.fit.frames.weights, self.sources).reshape(len(self.fit.frames.labels), -1)
         return _mean_offsets(owner, self._pairs_mm(self.fit.base), self.targets_mm)
+
+
+def _across_slices(volume: torch.Tensor, axis: int, taps: Sequence[float]) -> torch.Tensor:
+    """``volume`` ``(1, 1, D, H, W)`` averaged over shifts by ``taps`` (voxels, linear interpolation, edges repeated)
+    along array ``axis``: the CT as a slice of the MR's thickness sees it, at every voxel.
+
+    Computed once per fit, so that each step reads the CT once per sample instead of once per tap (and its
+    backward pass likewise); reading this volume trilinearly instead of averaging trilinear reads adds at most a
+    voxel's interpolation blur across the slices. Times and the tiers' accuracy before and after: issue 16's closing
+    note, docs/SPEED_PROFILE.md, docs/BENCHMARKS_TIERS.md.
+    """
+    dim = axis + 2
+    size = volume.shape[dim]
+    index = torch.arange(size, device=volume.device, dtype=torch.float64)
+    total = torch.zeros_like(volume)
+    for tap in taps:
+        where = (index + tap).clamp(0, size - 1)
+        low = where.floor().long()
+        high = (low + 1).clamp_max(size - 1)
+        frac = (where - low).to(volume.dtype)
+        shape = [1] * volume.dim()
+        shape[dim] = size
+        frac = frac.view(shape)
+        total += volume.index_select(dim, low) * (1 - frac) + volume.index_select(dim, high) * frac
+    return total / len(taps)
 
 
 def _mr_voxel_centres(voxels: torch.Tensor, slices: SliceProfile) -> torch.Tensor:
@@ -619,15 +643,19 @@ def _values_at(volume: torch.Tensor, voxels: torch.Tensor) -> torch.Tensor:
     return sample_at(volume, voxels.T.reshape(1, 3, -1, 1, 1)).flatten()
 
 
+def _base_displacement(velocity: torch.Tensor, integration_steps: int) -> torch.Tensor | None:
+    """The map of the start's ``velocity`` ``(1, 3, d, h, w)`` (voxels): ``None`` for a zero velocity, without
+    integrating."""
+    return integrate_velocity(velocity, integration_steps) if bool(velocity.any()) else None
+
+
 def _displacement_mm(
-    velocity: torch.Tensor, integration_steps: int, points_mm: torch.Tensor, spacing: Sequence[float]
+    displacement: torch.Tensor | None, points_mm: torch.Tensor, spacing: Sequence[float]
 ) -> torch.Tensor:
-    """``(N, 3)`` mm: the map of ``velocity`` (voxels of a grid of ``spacing`` mm) at ``points_mm``; zeros for a zero
-    velocity, without integrating."""
-    if not bool(velocity.any()):
+    """``(N, 3)`` mm: ``displacement`` (voxels of a grid of ``spacing`` mm, ``None`` = 0) at ``points_mm``."""
+    if displacement is None:
         return torch.zeros_like(points_mm)
-    step = torch.tensor([float(s) for s in spacing], device=velocity.device)
-    displacement = integrate_velocity(velocity, integration_steps)
+    step = torch.tensor([float(s) for s in spacing], device=displacement.device)
     voxels = (points_mm / step).T.reshape(1, 3, -1, 1, 1)
     return sample_at(displacement, voxels, padding_mode="border").reshape(3, -1).T * step
 
@@ -663,14 +691,25 @@ def _midway_frames(
 
 def _bone_band(labels: torch.Tensor, values: Sequence[int], spacing: Sequence[float], band_mm: float) -> torch.Tensor:
     """``(1, 1, D, H, W)`` bool: voxels within ``band_mm`` (along each array axis) of a vertebra in ``values``."""
-    band = torch.isin(labels, torch.tensor(list(values), device=labels.device)).float()
-    for axis, step in enumerate(spacing):  # one axis at a time: a 3D box max-pool cost 2 s on a 1 mm spine crop
-        radius = max(int(round(band_mm / step)), 0)
+    bone = torch.isin(labels, torch.tensor(list(values), device=labels.device))
+    result = torch.zeros_like(bone)
+    found = bone[0, 0].nonzero()
+    if not len(found):
+        return result
+    radii = [max(int(round(band_mm / step)), 0) for step in spacing]
+    # The dilation only reaches ``radius`` beyond the bone's box: on the box alone it costs a fraction of the grid's.
+    box = tuple(
+        slice(max(int(low) - r, 0), min(int(high) + r + 1, size))
+        for low, high, r, size in zip(found.min(0).values, found.max(0).values, radii, bone.shape[2:])
+    )
+    band = bone[(..., *box)].float()
+    for axis, radius in enumerate(radii):  # one axis at a time: a 3D box max-pool cost 2 s on a 1 mm spine crop
         if radius:
             kernel, padding = [1, 1, 1], [0, 0, 0]
             kernel[axis], padding[axis] = 2 * radius + 1, radius
             band = F.max_pool3d(band, kernel, stride=1, padding=padding)
-    return band > 0
+    result[(..., *box)] = band > 0
+    return result
 
 
 def _sample_points(region: torch.Tensor, count: int) -> torch.Tensor:

@@ -11,7 +11,8 @@ ITK resamples with.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -204,7 +205,7 @@ def automatic_prealignment(
     initial.SetCenter(tuple(float(c) for c in fixed_centre))
 
     radius = [max(int(round(margin_mm / s)), 1) for s in moving_labels.GetSpacing()]
-    moving_mask = sitk.BinaryDilate(spine, radius)
+    moving_mask = _dilated(spine, radius)
     starts = [centroid - fixed_centre]
     if _inside(fixed_geometry, centroid):
         starts.insert(0, np.zeros(3))
@@ -212,11 +213,28 @@ def automatic_prealignment(
     # trades a wrong rotation for translation. The rigid stage samples the MR inside the spine region placed by
     # the translation stage (a fixed mask): with only a moving mask, rotating the CT out of the sampled region
     # can raise the MI and the optimiser runs away.
+    workers = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     with _itk_threads(1 if deterministic else None):
-        result, level, note = _search(fixed, moving, moving_mask, starts, initial, centroid, progress)
+        result, level, note = _search(fixed, moving, moving_mask, starts, initial, centroid, progress, workers)
     if note:
         logger.log(level, note)
     return Prealignment(matrix=_matrix_of(result), method=AUTOMATIC)
+
+
+def _dilated(mask: sitk.Image, radius: Sequence[int]) -> sitk.Image:
+    """``sitk.BinaryDilate(mask, radius)`` (voxels per axis), computed on the mask's bounding box grown by ``radius``
+    only (nothing beyond it can change): a tenth of a second instead of half a second on a clinical CT."""
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(mask)
+    if not stats.GetNumberOfLabels():
+        return sitk.Image(mask)
+    box = stats.GetBoundingBox(1)  # (x, y, z, size x, size y, size z)
+    size = mask.GetSize()
+    low = [max(box[a] - radius[a], 0) for a in range(3)]
+    high = [min(box[a] + box[a + 3] + radius[a], size[a]) for a in range(3)]
+    extent = [h - lo for lo, h in zip(low, high)]
+    grown = sitk.BinaryDilate(sitk.RegionOfInterest(mask, extent, low), radius)
+    return sitk.Paste(mask * 0, grown, extent, [0, 0, 0], low)
 
 
 @contextmanager
@@ -244,8 +262,9 @@ def _search(
     initial: sitk.Euler3DTransform,
     centroid: np.ndarray,
     progress: Callable[[float, str], None] | None,
+    workers: int = 1,
 ) -> tuple[sitk.Transform, int, str | None]:
-    """The translation search from ``starts``, then the rigid stage from the best.
+    """The translation search from ``starts`` (on up to ``workers`` threads), then the rigid stage from the best.
 
     Returns:
         The transform, and a logging level and note saying why the rigid stage was not kept (``None`` when it was).
@@ -253,16 +272,7 @@ def _search(
     fixed_f = sitk.Cast(fixed, sitk.sitkFloat32)
     moving_f = sitk.Cast(moving, sitk.sitkFloat32)
     try:
-        candidates = []
-        for number, start in enumerate(starts):
-            stage = _report_stage(progress, 0.4 * number / len(starts), 0.4 * (number + 1) / len(starts))
-            begin = sitk.TranslationTransform(3, tuple(float(c) for c in start))
-            found = _mattes_mi(fixed_f, moving_f, begin, stage, moving_mask=moving_mask)
-            # The start itself competes too: on a pair already in register the optimiser can end up worse than
-            # where it began (a tiny clinical-like pair: 0.5 mm off with MI 7 % worse than the scanner frames').
-            for transform in (found, begin):
-                value = _mutual_information(fixed_f, moving_f, transform, moving_mask=moving_mask)
-                candidates.append((value, len(candidates), transform))
+        candidates = _translation_candidates(fixed_f, moving_f, moving_mask, starts, progress, workers)
         translation = min(candidates, key=lambda c: c[:2])[2]
         initial.SetTranslation(tuple(float(c) for c in _matrix_of(translation)[:3, 3]))
         fixed_mask = sitk.Resample(moving_mask, fixed, translation, sitk.sitkNearestNeighbor, 0)
@@ -300,6 +310,49 @@ def _search(
             ),
         )
     return result, logging.INFO, None
+
+
+def _translation_candidates(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    moving_mask: sitk.Image,
+    starts: list[np.ndarray],
+    progress: Callable[[float, str], None] | None,
+    workers: int,
+) -> list[tuple[float, int, sitk.Transform]]:
+    """Each start's translation search, and the start itself, scored by Mattes MI over the spine region:
+    ``(MI, order, transform)``, in the order of ``starts``.
+
+    With ``workers`` > 1 the later starts search on threads beside the first (ITK runs without Python's lock), each
+    on its own copies of the images; every registration uses one ITK thread either way, so the candidates do not
+    depend on ``workers``. Only the first start reports progress: a GUI's callbacks stay on the calling thread.
+    """
+
+    def search(number: int, start: np.ndarray) -> list[tuple[float, sitk.Transform]]:
+        images = (fixed, moving, moving_mask)
+        if number > 0 and workers > 1:
+            images = tuple(_own_copy(image) for image in images)
+        begin = sitk.TranslationTransform(3, tuple(float(c) for c in start))
+        report = _report_stage(progress, 0.0, 0.4) if number == 0 else None
+        found = _mattes_mi(images[0], images[1], begin, report, moving_mask=images[2])
+        # The start itself competes too: on a pair already in register the optimiser can end up worse than where it
+        # began (a tiny clinical-like pair: 0.5 mm off with MI 7 % worse than the scanner frames').
+        return [(_mutual_information(images[0], images[1], t, moving_mask=images[2]), t) for t in (found, begin)]
+
+    if workers < 2 or len(starts) < 2:
+        scored = [pair for number, start in enumerate(starts) for pair in search(number, start)]
+    else:
+        with ThreadPoolExecutor(max_workers=min(workers, len(starts)) - 1) as pool:
+            later = [pool.submit(search, number, start) for number, start in enumerate(starts) if number > 0]
+            scored = search(0, starts[0]) + [pair for job in later for pair in job.result()]
+    return [(value, order, transform) for order, (value, transform) in enumerate(scored)]
+
+
+def _own_copy(image: sitk.Image) -> sitk.Image:
+    """A copy of ``image`` that shares no pixel buffer or pipeline state with it (for another thread)."""
+    copy = sitk.Image(image)
+    copy.MakeUnique()
+    return copy
 
 
 def _mattes_mi(

@@ -18,6 +18,7 @@ from SpineRigidRegLib.losses import (
     ngf_loss,
     nmi_loss,
 )
+from SpineRigidRegLib.losses.similarity import parzen_weights
 from SpineRigidRegLib.warp import resize_displacement, warp
 
 
@@ -204,6 +205,28 @@ def test_gradcheck_similarity_losses():
     assert torch.autograd.gradcheck(lambda w: ngf_loss(fixed, w, eps=0.1, spacing=(1.0, 2.0, 0.5)), (warped,))
     small = (0.1 + 0.8 * torch.rand(1, 1, 5, 5, 5, generator=gen, dtype=torch.float64)).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda w: nmi_loss(fixed[..., :5, :5, :5], w, bins=8), (small,))
+
+
+def test_parzen_weights_closed_form_gradient_equals_autograds_chain():
+    """The closed-form backward pass of the Parzen weights gives autograd's gradient through the plain formula,
+    also for intensities clamped at 0 and 1 and for bins whose exponent is floored, under any upstream gradient."""
+    gen = torch.Generator().manual_seed(1)
+    values = torch.cat([torch.rand(500, generator=gen, dtype=torch.float64) * 1.4 - 0.2, torch.tensor([0.0, 1.0])])
+    upstream = torch.randn(1, len(values), 16, generator=gen, dtype=torch.float64)
+    grads = []
+    for closed_form in (True, False):
+        image = values.view(1, 1, -1, 1, 1).clone().requires_grad_(True)
+        if closed_form:
+            weights = parzen_weights(image, 16, 0.5)
+        else:  # the formula, differentiated by autograd
+            centres = torch.linspace(0.0, 1.0, 16, dtype=torch.float64)
+            sigma = 0.5 / 15
+            exponent = (-0.5 * ((image.clamp(0.0, 1.0).flatten(1)[..., None] - centres) / sigma) ** 2).clamp_min(-30.0)
+            weights = torch.exp(exponent) / torch.exp(exponent).sum(-1, keepdim=True)
+        (weights * upstream).sum().backward()
+        grads.append(image.grad.flatten())
+    assert torch.allclose(grads[0], grads[1], rtol=1e-9, atol=1e-12)
+    assert float(grads[0].abs().max()) > 1.0  # the comparison is not between two zeros
 
 
 # ------------------------------------------------------------------------------------------------------ API
