@@ -63,6 +63,7 @@ def _search_on(threads: int, monkeypatch) -> tuple[np.ndarray, set[int], list[in
     monkeypatch.setattr(prealign, "_mattes_mi", lambda *a, **k: ran.add(threading.get_ident()) or inner(*a, **k))
     previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    monkeypatch.setattr(prealign.torch, "get_num_threads", lambda: threads)  # torch may use as many
     try:
         found = prealign.automatic_prealignment(
             mr, ct, labels, progress=lambda *_: reports.append(threading.get_ident())

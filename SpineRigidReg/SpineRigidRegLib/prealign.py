@@ -213,7 +213,8 @@ def automatic_prealignment(
     # trades a wrong rotation for translation. The rigid stage samples the MR inside the spine region placed by
     # the translation stage (a fixed mask): with only a moving mask, rotating the CT out of the sampled region
     # can raise the MI and the optimiser runs away.
-    workers = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    # As many threads as both ITK and torch may use (`srr-benchmark --threads 1` keeps the search on one).
+    workers = min(sitk.ProcessObject.GetGlobalDefaultNumberOfThreads(), torch.get_num_threads())
     with _itk_threads(1 if deterministic else None):
         result, level, note = _search(fixed, moving, moving_mask, starts, initial, centroid, progress, workers)
     if note:
