@@ -43,3 +43,18 @@ def test_the_report_lists_every_situation_with_its_goal_and_stages():
     assert "| sample case, no points | 5.00 | 2 | 0.00 | 1.50 | 0.00 | 0.50 | 2.00 | 1.00 | 900 |" in text
     assert "| 512 x 512 x 400 CT, no points | 30.00 | 10 |" in text
     assert "`srr-register --sample` command" in text and "12.50" in text
+
+
+def test_a_first_registration_segments_the_mr_again_and_a_correction_keeps_its_segmentation(monkeypatch):
+    """A scenario times a first registration of its MR (the segmentation cache emptied); the correction re-run keeps
+    the segmentation of the run it corrects, as the Slicer module's re-runs do."""
+    forgotten = []
+    monkeypatch.setattr(speed, "forget_predictions", lambda: forgotten.append(1))
+
+    class Result:
+        timings = {"network": 0.5, "outputs": 1.0, "total": 2.0}
+
+    first = speed.timed_registration("first", "first", Result, "cpu")
+    assert forgotten == [1] and first["registration_s"] == 1.0
+    speed.timed_registration("correction", "correction", Result, "cpu", same_mr=True)
+    assert forgotten == [1]
