@@ -577,16 +577,14 @@ def _across_slices(volume: torch.Tensor, axis: int, taps: Sequence[float]) -> to
     """
     dim = axis + 2
     size = volume.shape[dim]
+    along = [size if d == dim else 1 for d in range(volume.dim())]  # a weight per position along the axis
     index = torch.arange(size, device=volume.device, dtype=torch.float64)
     total = torch.zeros_like(volume)
     for tap in taps:
         where = (index + tap).clamp(0, size - 1)
         low = where.floor().long()
         high = (low + 1).clamp_max(size - 1)
-        frac = (where - low).to(volume.dtype)
-        shape = [1] * volume.dim()
-        shape[dim] = size
-        frac = frac.view(shape)
+        frac = (where - low).to(volume.dtype).view(along)
         total += volume.index_select(dim, low) * (1 - frac) + volume.index_select(dim, high) * frac
     return total / len(taps)
 

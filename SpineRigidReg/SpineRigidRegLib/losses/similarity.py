@@ -225,7 +225,8 @@ class _ParzenWeights(torch.autograd.Function):
     """:func:`parzen_weights` with the gradient in closed form. With ``w_i = e_i / sum_j e_j`` and
     ``e_i = exp(-(v - c_i)^2 / (2 s^2))``: ``dw_i/dv = w_i (g_i - sum_j w_j g_j)``, ``g_i = -(v - c_i) / s^2``
     (0 where the exponent is floored). Autograd's chain through the exponent, the division and the sum kept five
-    ``(B, V, bins)`` intermediates and took three quarters of the vertebra-wise stage's NMI (docs/SPEED_PROFILE.md)."""
+    ``(B, V, bins)`` intermediates and was most of the NMI's cost in the vertebra-wise stage (issue 16's closing
+    note has the times)."""
 
     @staticmethod
     def forward(ctx, values: torch.Tensor, centres: torch.Tensor, sigma: float) -> torch.Tensor:  # type: ignore[override]
