@@ -131,6 +131,7 @@ def test_inverse_transform_undoes_the_forward_map_and_is_written(phantom, networ
     written = sitk.ReadTransform(str(pipeline.write_outputs(result, tmp_path)["inverse_transform"]))
     reread = np.array([written.TransformPoint(tuple(p)) for p in ct_points])
     assert np.abs(reread - mr_points).max() < 1e-6
+    assert result.inverse_displacement() is result.inverse_displacement()  # computed on first use, then kept
 
 
 def test_centre_point_fit_does_not_roll_a_straight_column_on_landmark_noise():

@@ -14,6 +14,7 @@ from SpineRigidRegLib.preprocess import (
     isotropic_geometry,
     normalize_intensity,
     pad_to_multiple,
+    quantiles,
     resample_isotropic,
     resample_to_reference,
 )
@@ -82,6 +83,19 @@ def test_normalisation_maps_the_robust_range_to_0_1_and_ignores_outliers():
     assert bool((flat_o[order].diff() >= 0).all())  # monotone
     # an affine intensity change gives the same result (per-sample percentiles)
     torch.testing.assert_close(normalize_intensity(volume * 0.1 - 3), out, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [2, 3, 7, 200, 4_099, 250_001])
+def test_quantiles_by_selection_equal_torch_quantile_bit_for_bit(size):
+    """The selection must pick the same order statistics and interpolate as ``torch.quantile`` does: an off-by-one
+    rank or a different interpolation weight changes every normalised image a little."""
+    gen = torch.Generator().manual_seed(size)
+    for values in (torch.randn(size, generator=gen), torch.randint(-3, 4, (size,), generator=gen).float()):
+        for q in ([0.005, 0.995], [0.0, 1.0], [0.37, 0.5], [0.999, 0.001]):
+            q = torch.tensor(q)
+            assert torch.equal(quantiles(values, q), torch.quantile(values, q))
+    with_nan = torch.tensor([1.0, float("nan"), 3.0])
+    assert torch.equal(quantiles(with_nan, torch.tensor([0.5])).isnan(), torch.tensor([True]))
 
 
 def test_normalisation_of_flat_integer_and_masked_images():

@@ -63,7 +63,7 @@ from .vertebra_report import (
     label_interpolator,
     vertebra_rigid_transforms,
 )
-from .warp import integrate_velocity, resize_displacement, warp_labels
+from .warp import displacement_from_velocity, warp_labels
 
 log = logging.getLogger(__name__)
 
@@ -167,13 +167,6 @@ def network_velocity(pair: ProcessingPair, network: RegistrationNet) -> torch.Te
         fixed_bone = torch.zeros_like(pair.fixed)
     with torch.inference_mode():
         return network.velocity(pair.fixed, pair.moving, pair.moving_labels, fixed_bone).clone()
-
-
-def displacement_from_velocity(velocity: torch.Tensor, integration_steps: int, shape: Sequence[int]) -> torch.Tensor:
-    """``exp(velocity)`` as a ``(1, 3, *shape)`` displacement (voxels of ``shape``): the velocity ``(1, 3, d, h, w)``
-    (voxels of its own grid) integrated by scaling and squaring, then resized; ``-velocity`` gives the inverse map."""
-    with torch.no_grad():
-        return resize_displacement(integrate_velocity(velocity, integration_steps), shape)
 
 
 def resolve_network(settings: RegistrationSettings, network: RegistrationNet | None) -> RegistrationNet:
@@ -467,9 +460,7 @@ def assemble_result(
     pre_t = pre.transform()
     inside = pair.fixed_mask.cpu()
     labels_t = pair.moving_labels.cpu()
-    steps = network.config.integration_steps
     field_image = displacement_field_image(displacement, grid)
-    inverse_image = displacement_field_image(displacement_from_velocity(-velocity, steps, displacement.shape[2:]), grid)
     composite = sitk.CompositeTransform([pre_t, sitk.DisplacementFieldTransform(sitk.Image(field_image))])
     ct_min = float(sitk.GetArrayViewFromImage(moving).min())
     warped_moving = sitk.Resample(moving, fixed, composite, sitk.sitkLinear, ct_min, sitk.sitkFloat32)
@@ -514,7 +505,7 @@ def assemble_result(
         timings={},
         grid=grid,
         fixed=fixed,
-        inverse_displacement=inverse_image,
+        integration_steps=network.config.integration_steps,
         mr_vertebrae=mr_bone,
     )
 

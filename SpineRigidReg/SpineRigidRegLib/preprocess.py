@@ -120,10 +120,23 @@ def normalize_intensity(
             raise InputError("the normalisation region is empty")
         if sample.numel() > 2_000_000:  # quantile() has an input size limit; a strided subsample is plenty
             sample = sample[:: sample.numel() // 1_000_000 + 1]
-        lo, hi = torch.quantile(sample, q)
+        lo, hi = quantiles(sample, q)
         scale = (hi - lo) if hi > lo else torch.ones((), device=volume.device)
         out[b] = ((values - lo) / scale).clamp(0.0, 1.0)
     return out
+
+
+def quantiles(values: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``torch.quantile(values, q)`` (linear interpolation) of a 1-D ``values``, bit for bit, found by selection
+    rather than a full sort on a CPU: numpy's introselect of the few order statistics needed took 35-50 ms where
+    ``torch.quantile`` took 210-290 ms on 1.9 million voxels (one thread), twice in every registration."""
+    if values.device.type != "cpu" or values.dtype != q.dtype or values.numel() < 2 or bool(values.isnan().any()):
+        return torch.quantile(values, q)
+    ranks = q * (values.numel() - 1)  # as torch.quantile computes them, in q's dtype
+    below, above = ranks.floor().long(), ranks.ceil().long()
+    order = np.unique(np.concatenate([below.numpy(), above.numpy()]))
+    selected = torch.from_numpy(np.partition(values.detach().numpy(), order))
+    return torch.lerp(selected[below], selected[above], ranks - below)
 
 
 @dataclass(frozen=True)

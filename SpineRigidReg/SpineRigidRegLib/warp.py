@@ -280,6 +280,13 @@ def resize_displacement(displacement: torch.Tensor, shape: Sequence[int]) -> tor
     return resized * torch.tensor(scale, dtype=resized.dtype, device=resized.device).view(1, 3, 1, 1, 1)
 
 
+def displacement_from_velocity(velocity: torch.Tensor, integration_steps: int, shape: Sequence[int]) -> torch.Tensor:
+    """``exp(velocity)`` as a ``(1, 3, *shape)`` displacement (voxels of ``shape``): the velocity ``(1, 3, d, h, w)``
+    (voxels of its own grid) integrated by scaling and squaring, then resized; ``-velocity`` gives the inverse map."""
+    with torch.no_grad():
+        return resize_displacement(integrate_velocity(velocity, integration_steps), shape)
+
+
 def _check_field(field: torch.Tensor, name: str) -> None:
     """A displacement, velocity or coordinate field: finite float ``(B, 3, D, H, W)``."""
     check_tensor(field, name, ndim=5, channels=3, floating=True, finite=True)

@@ -207,6 +207,20 @@ def test_gradcheck_similarity_losses():
     assert torch.autograd.gradcheck(lambda w: nmi_loss(fixed[..., :5, :5, :5], w, bins=8), (small,))
 
 
+@pytest.mark.parametrize("bins, ratio", [(32, 0.5), (16, 0.5), (64, 0.25), (8, 1.0), (5, 3.0)])
+def test_parzen_weights_from_the_window_around_each_value_equal_the_whole_formula(bins, ratio):
+    """Only the bins near a value are computed; every bin must still get the weight the formula over all bins gives
+    (to the floor: 1e-13 of the bin sum per bin left out), at the range's ends too, where the window cannot be centred on the value."""
+    gen = torch.Generator().manual_seed(bins)
+    values = torch.cat([torch.rand(2000, generator=gen, dtype=torch.float64), torch.tensor([0.0, 1.0, 1e-9, 1 - 1e-9])])
+    centres = torch.linspace(0.0, 1.0, bins, dtype=torch.float64)
+    exponent = (-0.5 * ((values[:, None] - centres) / (ratio / (bins - 1))) ** 2).clamp_min(-30.0)
+    expected = torch.exp(exponent) / torch.exp(exponent).sum(-1, keepdim=True)
+    weights = parzen_weights(values.view(1, 1, -1, 1, 1), bins, ratio)[0]
+    assert torch.allclose(weights, expected, rtol=0, atol=bins * 1e-12)
+    assert torch.allclose(weights.sum(-1), torch.ones(len(values), dtype=torch.float64), rtol=0, atol=1e-12)
+
+
 def test_parzen_weights_closed_form_gradient_equals_autograds_chain():
     """The closed-form backward pass of the Parzen weights gives autograd's gradient through the plain formula,
     also for intensities clamped at 0 and 1 and for bins whose exponent is floored, under any upstream gradient."""
