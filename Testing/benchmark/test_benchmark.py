@@ -238,6 +238,12 @@ def test_srr_benchmark_end_to_end_on_two_tiny_phantoms(tmp_path, monkeypatch):
     assert "| tiny net |" in markdown.read_text(encoding="utf-8")
 
 
+def test_speed_repeats_below_one_are_refused_before_any_run(tmp_path, capsys):
+    code = benchmark_cli.main(["--speed", "--speed-repeats", "0", "--out", str(tmp_path), "--quiet"])
+    assert code == 2
+    assert "--speed-repeats must be >= 1" in capsys.readouterr().err
+
+
 def test_only_model_without_a_previous_run_is_refused(tmp_path, capsys):
     code = benchmark_cli.main(["--tiny", "--cases", "1", "--out", str(tmp_path), "--only", "model", "--quiet"])
     assert code == 2

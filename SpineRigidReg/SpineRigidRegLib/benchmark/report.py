@@ -457,8 +457,7 @@ def _speed_section(speed: Mapping, rel: str) -> list[str]:
         "Whole `srr-register` pipeline with its default settings (network + vertebra-wise rigid alignment, no "
         f"dense refinement) on a {' x '.join(str(s) for s in speed['input_shape'])} "
         f"(D, H, W) 1 mm phantom crop (processing grid {' x '.join(str(s) for s in speed['processing_grid'])}), "
-        f"device {speed['device']} ({speed.get('threads')} torch threads), {speed.get('weights')}; second of two "
-        "runs (the first warms up).",
+        f"device {speed['device']} ({speed.get('threads')} torch threads), {speed.get('weights')}; {_runs(speed)}.",
         "",
         "| quantity | value |",
         "|---|---|",
@@ -494,6 +493,15 @@ def _speed_section(speed: Mapping, rel: str) -> list[str]:
     return lines
 
 
+def _runs(speed: Mapping) -> str:
+    """How each figure was timed: the fastest of several runs after a warm-up (elastix and the command too), or, in
+    reports from before ``repeats`` was recorded, one run after a warm-up."""
+    repeats = int(speed.get("repeats", 1))
+    if repeats <= 1:
+        return "one run after a warm-up"
+    return f"the fastest of {repeats} runs after a warm-up, elastix's and the command's too (a shared machine)"
+
+
 #: Stages shown per scenario (the rest are in speed.json).
 SPEED_STAGES = ("mr_segmentation", "prealign", "preprocess", "network", "vertebra_rigid", "outputs")
 
@@ -506,7 +514,7 @@ def _scenario_lines(speed: Mapping) -> list[str]:
     head = " | ".join(f"`{s}`" for s in SPEED_STAGES)
     lines = [
         "",
-        "Issue 16's situations (same process, each after a warm-up; registration = load to result, without writing "
+        f"Issue 16's situations (same process, {_runs(speed)}; registration = load to result, without writing "
         "files; goal: issue 16's target on 2 cores):",
         "",
         f"| situation | registration s | goal s | {head} | peak memory MB |",
