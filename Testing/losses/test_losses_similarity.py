@@ -210,7 +210,8 @@ def test_gradcheck_similarity_losses():
 @pytest.mark.parametrize("bins, ratio", [(32, 0.5), (16, 0.5), (64, 0.25), (8, 1.0), (5, 3.0)])
 def test_parzen_weights_from_the_window_around_each_value_equal_the_whole_formula(bins, ratio):
     """Only the bins near a value are computed; every bin must still get the weight the formula over all bins gives
-    (to the floor: 1e-13 of the bin sum per bin left out), at the range's ends too, where the window cannot be centred on the value."""
+    (to the floor: 1e-13 of the bin sum per bin left out), at the range's ends too, where the window cannot be
+    centred on the value."""
     gen = torch.Generator().manual_seed(bins)
     values = torch.cat([torch.rand(2000, generator=gen, dtype=torch.float64), torch.tensor([0.0, 1.0, 1e-9, 1 - 1e-9])])
     centres = torch.linspace(0.0, 1.0, bins, dtype=torch.float64)

@@ -483,9 +483,9 @@ def _speed_section(speed: Mapping, rel: str) -> list[str]:
     lines += _scenario_lines(speed)
     lines += [
         "",
-        "The `outputs` stage warps the CT and its labels into the MR's geometry and computes the inverse field, the "
-        "Jacobian map, the per-vertebra metrics and rigid fits; elastix's time covers its registration and the "
-        "deformation field only.",
+        "The `outputs` stage warps the CT and its labels into the MR's geometry and computes the Jacobian map, the "
+        "per-vertebra metrics and rigid fits (the inverse field is computed when it is written, by the command); "
+        "elastix's time covers its registration and the deformation field only.",
         "",
         f"Command: `{speed.get('command', 'srr-benchmark --speed')}` ({speed.get('date_utc', '')}).",
         "",

@@ -191,9 +191,7 @@ def phantom_scenarios(
     return rows, images
 
 
-def clinical_scenario(
-    register: Callable, device: str, shared_data: str | Path | None, repeats: int = 1
-) -> list[dict]:
+def clinical_scenario(register: Callable, device: str, shared_data: str | Path | None, repeats: int = 1) -> list[dict]:
     """The clinical tier's first case without points (``[]`` without the real CT)."""
     from .cases import real_data_available
     from .tiers import clinical_case
