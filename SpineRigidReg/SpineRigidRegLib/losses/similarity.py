@@ -209,7 +209,7 @@ def parzen_weights(image: torch.Tensor, bins: int, sigma_ratio: float) -> torch.
     width = _window_width(bins, sigma_ratio)
     if values.requires_grad:
         return _ParzenWeights.apply(values, centres, sigma, width)
-    weights, index, _ = _parzen(values, centres, sigma, width)
+    weights, index, _, _ = _parzen(values, centres, sigma, width)
     return _spread(weights, index, bins)
 
 
@@ -227,17 +227,19 @@ def _window_width(bins: int, sigma_ratio: float) -> int:
 
 def _parzen(
     values: torch.Tensor, centres: torch.Tensor, sigma: float, width: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The weights ``(B, V, width)`` of ``values`` ``(B, V, 1)`` (in ``[0, 1]``) at the ``width`` bins around each
-    value, those bins' indices ``(B, V, width)`` and the exponent's argument there.
+    value, those bins' indices ``(B, V, width)``, the values' offsets from those bins' centres and the exponent's
+    argument there.
 
     Computing 8 of 32 bins made the vertebra-wise stage's NMI steps faster (issue 16's closing note has the times)."""
     bins = len(centres)
     first = (values * (bins - 1)).floor().long() - (width // 2 - 1)
     index = first.clamp(0, bins - width) + torch.arange(width, device=values.device)
-    argument = -0.5 * ((values - torch.take(centres, index)) / sigma) ** 2
+    offset = values - torch.take(centres, index)
+    argument = -0.5 * (offset / sigma) ** 2
     weights = torch.exp(argument.clamp_min(_PARZEN_FLOOR))
-    return weights / weights.sum(-1, keepdim=True), index, argument
+    return weights / weights.sum(-1, keepdim=True), index, offset, argument
 
 
 def _spread(weights: torch.Tensor, index: torch.Tensor, bins: int) -> torch.Tensor:
@@ -254,8 +256,8 @@ class _ParzenWeights(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, values: torch.Tensor, centres: torch.Tensor, sigma: float, width: int) -> torch.Tensor:  # type: ignore[override]
-        weights, index, argument = _parzen(values, centres, sigma, width)
-        slope = (argument > _PARZEN_FLOOR) * (torch.take(centres, index) - values) / sigma**2  # g_i
+        weights, index, offset, argument = _parzen(values, centres, sigma, width)
+        slope = (argument > _PARZEN_FLOOR) * -offset / sigma**2  # g_i
         ctx.save_for_backward(weights, index, slope)
         return _spread(weights, index, len(centres))
 
