@@ -74,8 +74,9 @@ class VertebraRigidSettings:
             it decays to ``final_step_share`` of it over the steps (cosine, :func:`step_size`).
         final_step_share: The last step's size as a share of ``learning_rate``. Adam takes steps of about this
             size even where the NMI is flat, so it sets how far rounding moves a result: on 11 tier cases two NMI
-            implementations equal to the seventh decimal place gave results up to 0.015 mm apart with 0.1, 0.003 mm
-            with 0.05, at the same mean TRE (issue 16's closing note, session 14).
+            implementations equal to the seventh decimal place gave results up to 0.015 mm apart with 0.1 (the
+            default until session 15), 0.003 mm with 0.05, at the same mean TRE (issue 16's closing note, session
+            14).
         margin_mm: The weights stay whole up to this distance from the spine: a point of a vertebra travels from
             its place in the fixed image to its place in the moving image during the integration, and all of that
             path must lie where the vertebra's rigid velocity acts (with 5 mm the sample case's vertebrae, which
@@ -108,7 +109,7 @@ class VertebraRigidSettings:
     steps: int = 60
     correction_steps: int = 20
     learning_rate: float = 0.4
-    final_step_share: float = 0.1
+    final_step_share: float = 0.05
     margin_mm: float = 8.0
     sigma_mm: float = 3.0
     partition_mm: float = 1.0
