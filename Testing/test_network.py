@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from SpineRigidRegLib.errors import InputError
-from SpineRigidRegLib.network import NetworkConfig, RegistrationNet
+from SpineRigidRegLib.network import NetworkConfig, RegistrationNet, with_fast_layout
+from SpineRigidRegLib.pipeline import network_velocity
+from SpineRigidRegLib.processing import ProcessingPair
 
 SMALL = {"encoder_channels": (4, 4, 8, 8), "decoder_channels": (8, 8, 8, 8), "final_channels": (4, 4)}
 
@@ -64,6 +66,23 @@ def test_default_network_runs_on_a_small_non_cubic_input():
     with torch.no_grad():
         out = net(*inputs((16, 16, 32)))
     assert out.displacement.shape == (1, 3, 16, 16, 32) and out.velocity.shape == (1, 3, 8, 8, 16)
+
+
+def test_the_fast_layout_gives_the_same_velocity():
+    """Channels-last weights (the pipeline's CPU inference layout) change only the order of the sums."""
+    torch.manual_seed(0)
+    net = RegistrationNet(NetworkConfig(**SMALL)).eval()
+    torch.nn.init.normal_(net.velocity_head.weight, std=0.05)  # a velocity well away from zero
+    fixed, moving, labels = inputs((16, 32, 48))
+    with torch.no_grad():
+        standard = net.velocity(fixed, moving, labels)
+        fast = with_fast_layout(net).velocity(fixed, moving, labels)
+    assert net.encoder[0][0].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert float(standard.abs().max()) > 0.1
+    assert torch.allclose(fast, standard, atol=1e-5, rtol=1e-4)
+    # The pipeline hands the stages after it a velocity in the standard layout (their grid reads assume it).
+    piped = network_velocity(ProcessingPair(fixed, moving, labels, (1.0, 1.0, 1.0)), net)
+    assert piped.is_contiguous() and torch.equal(piped, fast)
 
 
 @pytest.mark.parametrize("resolution", ["full", "half"])

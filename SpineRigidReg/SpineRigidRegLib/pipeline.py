@@ -37,7 +37,7 @@ from .errors import CancelledError
 from .geometry import Geometry, displacement_field_image, image_to_tensor, tensor_to_image
 from .inputs import crop_to_spine, finite_copy, validate_image, validate_intensity_image, validate_labels
 from .jacobian import determinant, jacobian_matrix
-from .network import RegistrationNet
+from .network import RegistrationNet, with_fast_layout
 from .outputs import write_outputs
 from .polyrigid import refine_vertebrae_rigidly
 from .prealign import Prealignment, prealign
@@ -166,11 +166,13 @@ def network_velocity(pair: ProcessingPair, network: RegistrationNet) -> torch.Te
         log.warning("the network takes the MR's predicted bone, and there is none: it runs on the images alone")
         fixed_bone = torch.zeros_like(pair.fixed)
     with torch.inference_mode():
-        return network.velocity(pair.fixed, pair.moving, pair.moving_labels, fixed_bone).clone()
+        velocity = network.velocity(pair.fixed, pair.moving, pair.moving_labels, fixed_bone)
+        return velocity.clone(memory_format=torch.contiguous_format)
 
 
 def resolve_network(settings: RegistrationSettings, network: RegistrationNet | None) -> RegistrationNet:
-    """The network to use: the given one, ``settings.model_path``, or the bundled model, on the chosen device."""
+    """The network to use: the given one, ``settings.model_path``, or the bundled model, on the chosen device (a
+    loaded one in the faster layout, :func:`.network.with_fast_layout`)."""
     device = select_device(settings.device)
     if network is not None:
         return network.to(device).eval()
@@ -183,8 +185,8 @@ def resolve_network(settings: RegistrationSettings, network: RegistrationNet | N
                 Path(settings.model_path).name,
                 Path(settings.model_path).with_suffix(".json").name,
             )
-        return load_network(settings.model_path, expected_sha256=expected, device=device)
-    return load_bundled_network(device=device)
+        return with_fast_layout(load_network(settings.model_path, expected_sha256=expected, device=device))
+    return with_fast_layout(load_bundled_network(device=device))
 
 
 class NetworkCache:
