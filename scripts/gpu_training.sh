@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Train the bundled model on one GPU in a single short lease (about 8 minutes), as docs/TRAINING.md describes.
 #
-#   scripts/gpu_training.sh prepare   here, once: fills .carry/ (git-ignored) with what the GPU machine lacks: the
-#                                     SimpleITK wheel for its Python 3.12 and a copy of the real data (../shared/data)
+#   scripts/gpu_training.sh prepare   here, once: fills .carry/ (git-ignored) with what the GPU machine lacks:
+#                                     SimpleITK for its Python 3.12, unpacked and recompressed with xz (28 MB instead
+#                                     of the wheel's 52 MB: the device tool carries 64 MiB a call, tracked files
+#                                     included), and a copy of the real data (../shared/data); prints what travels
 #   scripts/gpu_training.sh seg       there, with .carry: trains the MR vertebra segmentation network
 #                                     (srr-train-segmentation) in SEG_VARIANTS side by side on the one GPU for
-#                                     SEG_MINUTES, each resuming from .carry/seg/<variant>/last.pt when present; leaves
+#                                     SEG_MINUTES, each resuming from .carry/seg/<variant>/last.pt or SEG_RESUME when
+#                                     present; leaves
 #                                     each variant's last.pt in $OUT and their curves and logs in $OUT/seg_logs.tar.gz
 #   scripts/gpu_training.sh run       there, from the repository root, with .carry carried along: checks the GPU
 #                                     synthesis against the CPU's (pytest), trains stage 1 (default_gpu_baseline) and
@@ -20,22 +23,34 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 prepare() {
-    mkdir -p .carry/whl .carry/data
+    local version=2.5.3 tmp
+    tmp=$(mktemp -d)
+    mkdir -p .carry/data
+    rm -rf .carry/whl  # the wheel of earlier versions of this script
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .carry/whl "SimpleITK==2.5.3"
+        --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d "$tmp/whl" "SimpleITK==$version"
+    python3 -m zipfile -e "$tmp"/whl/*.whl "$tmp/site"
+    tar cf - -C "$tmp/site" . | xz -9 -T0 >.carry/simpleitk.tar.xz
+    rm -rf "$tmp"
     cp -r ../shared/data/totalsegmentator-examples .carry/data/
-    du -sh .carry
+    python3 - <<'PY'
+import pathlib, subprocess
+tracked = subprocess.run(["git", "ls-files", "-z"], capture_output=True, check=True).stdout.split(b"\0")
+size = sum(pathlib.Path(p.decode()).stat().st_size for p in tracked if p and pathlib.Path(p.decode()).is_file())
+carry = sum(p.stat().st_size for p in pathlib.Path(".carry").rglob("*") if p.is_file())
+total = (size + carry) / 2**20
+print(f"travels with .carry: {size / 2**20:.1f} MiB tracked + {carry / 2**20:.1f} MiB .carry = {total:.1f} MiB (limit 64)")
+if total > 63:
+    raise SystemExit("over the device tool's 64 MiB: carry less, or move a committed training state out for the call")
+PY
 }
 
 run() {
     local out=${OUT:-out/gpu} device=${DEVICE:-cuda} runs=/tmp/srr-runs
     local stage1=${STAGE1:-default_gpu_baseline} stage2=${STAGE2:-default_gpu}
     mkdir -p "$out" "$runs"
-    if ! python3 -c "import SimpleITK" 2>/dev/null; then
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .carry/whl/*.whl
-        export PYTHONPATH=/tmp/site
-    fi
-    export PYTHONPATH=$PWD/SpineRigidReg${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 SRR_SHARED_DATA=$PWD/.carry/data
+    setup_python
+    export SRR_SHARED_DATA=$PWD/.carry/data
     local label=${DEVICE_LABEL:-}
     if [[ -z $label && $device == cuda* ]]; then
         label="1x $(python3 -c 'import torch; print(torch.cuda.get_device_name(0))')"
@@ -65,9 +80,11 @@ run() {
     ls -la "$out" "$out/model"
 }
 
+# SimpleITK from .carry/simpleitk.tar.xz when the machine lacks it (Python's own tarfile: no xz program needed).
 setup_python() {
     if ! python3 -c "import SimpleITK" 2>/dev/null; then
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .carry/whl/*.whl
+        python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='data')" \
+            .carry/simpleitk.tar.xz /tmp/site
         export PYTHONPATH=/tmp/site
     fi
     export PYTHONPATH=$PWD/SpineRigidReg${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -84,8 +101,13 @@ seg() {
     for variant in $SEG_VARIANTS; do
         name=${variant%%:*} extra=${variant#*:}
         mkdir -p "$runs/$name"
-        [[ -f .carry/seg/$name/last.pt ]] && cp .carry/seg/$name/last.pt "$runs/$name/"
-        # Without a carried state, start from SEG_INIT's weights (e.g. the bundled model) when given.
+        # A carried state, else SEG_RESUME's (the committed training/mr_vertebrae/last.pt), continues; without
+        # either, SEG_INIT's weights (e.g. the bundled model) start a new run when given.
+        if [[ -f .carry/seg/$name/last.pt ]]; then
+            cp ".carry/seg/$name/last.pt" "$runs/$name/"
+        elif [[ -n ${SEG_RESUME:-} ]]; then
+            cp "$SEG_RESUME" "$runs/$name/last.pt"
+        fi
         # shellcheck disable=SC2086
         python3 -m SpineRigidRegLib.cli.train_segmentation --out "$runs/$name" --device "$device" \
             --real-data-dir .carry/data --max-minutes "$minutes" --decay-minutes "$minutes" --threads 4 \
