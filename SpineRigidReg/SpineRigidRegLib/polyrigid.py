@@ -76,7 +76,8 @@ class VertebraRigidSettings:
             size even where the NMI is flat, so it sets how far rounding moves a result: on 11 tier cases two NMI
             implementations equal to the seventh decimal place gave results up to 0.015 mm apart with 0.1 (the
             default until session 15), 0.003 mm with 0.05, at the same mean TRE (issue 16's closing note, session
-            14).
+            14). It does not settle a vertebra between two basins of the NMI: on Table 1's ``phantom-02`` one
+            vertebra ends 0.39 mm off with 0.1 and 1.1-1.2 mm off with 0.05 (session 15's closing note).
         margin_mm: The weights stay whole up to this distance from the spine: a point of a vertebra travels from
             its place in the fixed image to its place in the moving image during the integration, and all of that
             path must lie where the vertebra's rigid velocity acts (with 5 mm the sample case's vertebrae, which
