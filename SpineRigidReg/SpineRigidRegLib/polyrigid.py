@@ -73,11 +73,9 @@ class VertebraRigidSettings:
         learning_rate: Initial step size in mm (translations) and mm at :data:`ROTATION_RADIUS_MM` (rotations);
             it decays to ``final_step_share`` of it over the steps (cosine, :func:`step_size`).
         final_step_share: The last step's size as a share of ``learning_rate``. Adam takes steps of about this
-            size even where the NMI is flat, so it sets how far rounding moves a result: on 11 tier cases two NMI
-            implementations equal to the seventh decimal place gave results up to 0.015 mm apart with 0.1 (the
-            default until session 15), 0.003 mm with 0.05, at the same mean TRE (issue 16's closing note, session
-            14). It does not settle a vertebra between two basins of the NMI: on Table 1's ``phantom-02`` one
-            vertebra ends 0.39 mm off with 0.1 and 1.1-1.2 mm off with 0.05 (session 15's closing note).
+            size even where the NMI is flat, so it sets how far rounding moves a result (0.05 instead of 0.1: less
+            so, at the same mean TRE on every report; issue 16's closing notes of sessions 14 and 15). It does not
+            settle a vertebra between two basins of the NMI (Table 1's ``phantom-02``, session 15's note).
         margin_mm: The weights stay whole up to this distance from the spine: a point of a vertebra travels from
             its place in the fixed image to its place in the moving image during the integration, and all of that
             path must lie where the vertebra's rigid velocity acts (with 5 mm the sample case's vertebrae, which
