@@ -4,6 +4,7 @@ finds."""
 from __future__ import annotations
 
 import threading
+from collections import Counter
 
 import numpy as np
 import SimpleITK as sitk
@@ -40,6 +41,25 @@ def test_a_ct_beyond_the_voxel_budget_is_still_aligned(monkeypatch):
     centre = np.mean(list(prealign.label_centroids(labels).values()), axis=0)
     moved = found.matrix[:3, :3] @ (centre - shift) + found.matrix[:3, 3]  # the MR point of the spine centre
     assert np.linalg.norm(moved - centre) < 0.5
+
+
+def test_only_a_ct_beyond_the_voxel_budget_is_registered_without_itks_gradient_filters(monkeypatch):
+    """The rule of `GRADIENT_FILTER_MAX_VOXELS`: a small CT keeps the filtered gradients in its 3 registrations (the
+    metric values take theirs at the samples either way), a CT of more voxels gives them up."""
+    mr, ct, labels = _pair()
+    calls = Counter()
+    registration, unfiltered = prealign._mattes_mi, prealign._gradients_at_samples
+    monkeypatch.setattr(prealign, "_mattes_mi", lambda *a, **k: calls.update(["run"]) or registration(*a, **k))
+    monkeypatch.setattr(prealign, "_gradients_at_samples", lambda m: calls.update(["unfiltered"]) or unfiltered(m))
+    counts = []
+    for budget in (ct.GetNumberOfPixels(), ct.GetNumberOfPixels() - 1):  # the CT within, then beyond the budget
+        calls.clear()
+        monkeypatch.setattr(prealign, "GRADIENT_FILTER_MAX_VOXELS", budget)
+        prealign.automatic_prealignment(mr, ct, labels)
+        counts.append((calls["run"], calls["unfiltered"]))
+    (registrations, within), (_, beyond) = counts
+    assert registrations == 3 and beyond - within == registrations
+    assert prealign.GRADIENT_FILTER_MAX_VOXELS < 5_000_000  # the clinical tier's 1 mm CTs search without them
 
 
 def test_a_pair_in_register_keeps_the_scanner_frames_when_the_search_ends_worse():
