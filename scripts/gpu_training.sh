@@ -8,8 +8,8 @@
 #   scripts/gpu_training.sh seg       there, with .carry: trains the MR vertebra segmentation network
 #                                     (srr-train-segmentation) in SEG_VARIANTS side by side on the one GPU for
 #                                     SEG_MINUTES, each resuming from .carry/seg/<variant>/last.pt or SEG_RESUME when
-#                                     present; leaves
-#                                     each variant's last.pt in $OUT and their curves and logs in $OUT/seg_logs.tar.gz
+#                                     present; leaves each variant's last.pt in $OUT and their curves and logs in
+#                                     $OUT/seg_logs.tar.gz
 #   scripts/gpu_training.sh run       there, from the repository root, with .carry carried along: checks the GPU
 #                                     synthesis against the CPU's (pytest), trains stage 1 (default_gpu_baseline) and
 #                                     stage 2 (default_gpu) within their schedule.max_minutes, exports the model with
