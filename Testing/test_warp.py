@@ -15,6 +15,7 @@ from SpineRigidRegLib.warp import (
     compose,
     identity_grid,
     integrate_velocity,
+    present_labels,
     resize_displacement,
     sample_at,
     warp,
@@ -275,3 +276,15 @@ def test_finite_check_has_no_false_alarm_when_the_fast_sum_overflows():
 def test_bad_inputs_raise_a_named_error(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+@pytest.mark.parametrize("largest", [0, 1, 20, 2**16 - 1, 2**16, 70_000])
+def test_present_labels_are_the_sorted_non_zero_values_as_unique_gives_them(largest):
+    """The histogram path (values below 2^16) and the sort path agree with ``torch.unique``, 0 left out."""
+    generator = torch.Generator().manual_seed(largest)
+    labels = torch.randint(0, 4, (1, 1, 6, 7, 8), generator=generator) * (largest // 3)
+    labels.view(-1)[5] = largest
+    expected = [int(v) for v in torch.unique(labels).tolist() if v > 0]
+    assert present_labels(labels) == expected
+    assert present_labels(labels.to(torch.int32)[0, 0]) == expected
+    assert present_labels(torch.zeros(0, dtype=torch.int64)) == []

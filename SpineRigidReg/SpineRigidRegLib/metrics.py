@@ -32,7 +32,7 @@ from .jacobian import determinant, jacobian_matrix, orthonormality_residual
 from .losses.rigidity import _check_label_values
 from .rigid import fit_rigid_to_field, rigid_displacement
 from .validation import check_label_tensor, check_spacing
-from .warp import _cached_identity, _sample_at, label_boxes, warp_labels
+from .warp import _cached_identity, _sample_at, label_boxes, present_labels, warp_labels
 
 
 # ------------------------------------------------------------------------------------------------------ inputs
@@ -98,7 +98,7 @@ def _same_grid(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str) -> No
 def _values(labels: torch.Tensor, label_values: Sequence[int] | None) -> list[int]:
     if label_values is not None:
         return _check_label_values(label_values)
-    return [v for v in torch.bincount(labels.flatten()).nonzero().flatten().tolist() if v > 0]  # linear, unlike unique
+    return present_labels(labels)
 
 
 def _spacing_tensor(spacing: Sequence[float] | None, like: torch.Tensor) -> torch.Tensor:

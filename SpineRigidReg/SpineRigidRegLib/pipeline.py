@@ -63,7 +63,7 @@ from .vertebra_report import (
     label_interpolator,
     vertebra_rigid_transforms,
 )
-from .warp import displacement_from_velocity, warp_labels
+from .warp import displacement_from_velocity, present_labels, warp_labels
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def _pointed_only(pair: ProcessingPair, weights: Mapping[int, float] | None) -> 
     """``weights`` (label -> weight) with every vertebra that no point pair lies on set to 0; empty when no point pair
     lies on a vertebra that may move."""
     pointed, weights = vertebrae_at_points(pair), weights or {}
-    present = torch.unique(pair.moving_labels).tolist()
+    present = present_labels(pair.moving_labels)
     chosen = {int(v): (weights.get(int(v), 1.0) if int(v) in pointed else 0.0) for v in present if v > 0}
     return chosen if any(w > 0 for w in chosen.values()) else {}
 

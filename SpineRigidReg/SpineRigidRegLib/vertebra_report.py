@@ -14,6 +14,7 @@ from . import metrics
 from .geometry import Geometry
 from .prealign import Prealignment
 from .rigid import fit_rigid
+from .warp import present_labels
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def vertebra_rigid_transforms(
     owner = warped[tuple(found.unbind(1))]
     out: dict[int, np.ndarray] = {}
     generator = torch.Generator().manual_seed(0)
-    for value in [int(v) for v in torch.unique(owner)]:
+    for value in present_labels(owner):
         idx = found[owner == value]
         if len(idx) < 4:
             continue

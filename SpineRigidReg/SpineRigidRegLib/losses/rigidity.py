@@ -44,10 +44,9 @@ from ..errors import InputError
 from ..jacobian import determinant, jacobian_matrix, orthonormality_residual
 from ..rigid import fit_rigid, fit_rigid_to_regions, rigid_displacement
 from ..validation import check_label_tensor, check_same_spatial_shape, check_spacing, check_tensor
-from ..warp import identity_grid, sample_at, warp
+from ..warp import identity_grid, present_labels, sample_at, warp
 
 _EPS = 1e-6
-_BINCOUNT_LIMIT = 2**16
 
 
 def _check_label_values(label_values: Sequence[int]) -> list[int]:
@@ -84,7 +83,7 @@ def vertebra_indicators(
     """
     labels = check_label_tensor(labels, "moving labels")
     if label_values is None:
-        values = _present_values(labels)
+        values = present_labels(labels)
     else:
         values = _check_label_values(label_values)
     b = labels.shape[0]
@@ -95,15 +94,6 @@ def vertebra_indicators(
     hits = labels == codes
     present = hits.flatten(2).any(dim=2)
     return hits.to(dtype), present, values
-
-
-def _present_values(labels: torch.Tensor) -> list[int]:
-    """Sorted non-zero values of a non-negative integer label map."""
-    if labels.numel() == 0:
-        return []
-    if int(labels.max()) < _BINCOUNT_LIMIT:  # a histogram is much cheaper than the sort behind unique()
-        return torch.bincount(labels.flatten())[1:].nonzero()[:, 0].add(1).tolist()
-    return sorted({int(v) for v in labels.unique().tolist()} - {0})
 
 
 def _weight_vector(values: list[int], vertebra_weights: Mapping[int, float] | None, like: torch.Tensor) -> torch.Tensor:
