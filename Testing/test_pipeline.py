@@ -176,7 +176,28 @@ def test_result_reports_rigidity_per_vertebra_and_dice_with_mr_labels(phantom, n
     for matrix in result.vertebra_rigid_transforms.values():
         assert np.allclose(matrix[:3, :3] @ matrix[:3, :3].T, np.eye(3), atol=1e-6)
     assert result.summary["folding_voxels"] == 0
-    assert {"prealign", "preprocess", "network", "refinement", "total"} <= set(result.timings)
+    assert {"bias_field", "prealign", "preprocess", "network", "refinement", "total"} <= set(result.timings)
+
+
+@pytest.mark.parametrize("correct", [True, False])
+def test_the_stages_read_the_mr_without_its_bias_field_and_the_result_keeps_the_mr_as_given(
+    phantom, network, monkeypatch, correct
+):
+    """``bias_correction``: the pre-alignment and the processing grid get the corrected MR; the result (outputs, QA
+    picture) keeps the user's MR; off, the MR is read as it is."""
+    mr = oblique_mr(phantom, sitk.Euler3DTransform())
+    before = sitk.GetArrayFromImage(mr).copy()
+    corrected, read = [], []
+    real_correct, real_prealign = pipeline.correct_bias_field, pipeline.prealign_stage
+    monkeypatch.setattr(
+        pipeline, "correct_bias_field", lambda image: corrected.append(real_correct(image)) or corrected[-1]
+    )
+    monkeypatch.setattr(pipeline, "prealign_stage", lambda image, *a: read.append(image) or real_prealign(image, *a))
+    settings = replace(FAST, bias_correction=correct)
+    result = pipeline.register(mr, phantom.ct, phantom.labels, settings=settings, network=network)
+    assert len(corrected) == int(correct)
+    assert len(read) == 1 and read[0] is (corrected[0] if correct else mr)
+    assert result.fixed is mr and np.array_equal(sitk.GetArrayFromImage(mr), before)
 
 
 def test_vertebrae_the_mr_does_not_show_are_reported_and_named(phantom, network, caplog):

@@ -29,7 +29,17 @@ from SpineRigidRegLib.pipeline import RegistrationSettings, register, write_outp
 from SpineRigidRegLib.segmentation.stage import forget_predictions
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("load", "mr_segmentation", "prealign", "preprocess", "network", "vertebra_rigid", "integration", "outputs")
+STAGES = (
+    "load",
+    "mr_segmentation",
+    "bias_field",
+    "prealign",
+    "preprocess",
+    "network",
+    "vertebra_rigid",
+    "integration",
+    "outputs",
+)
 
 
 def _inputs() -> dict:

@@ -31,6 +31,7 @@ import SimpleITK as sitk
 import torch
 
 from . import metrics
+from .bias_field import correct_bias_field
 from .checkpoint import card_sha256, load_bundled_network, load_network, select_device
 from .data.vertebrae import label_names
 from .errors import CancelledError
@@ -251,18 +252,22 @@ def register(
         mr_bone = None
         if bone_probability is not None and settings.mr_segmentation:
             mr_bone = sitk.Cast(bone_probability > BONE_THRESHOLD, sitk.sitkUInt8)
+    with clock.stage("bias_field"):
+        if progress and settings.bias_correction:
+            progress(0.04, "correcting the MR's bias field")
+        mr = correct_bias_field(images.fixed) if settings.bias_correction else images.fixed
     with clock.stage("prealign"):
         stage = _report(progress, 0.05, 0.2)
         pre = prealign_stage(
-            images.fixed, images.ct, images.ct_labels, fixed_landmarks, moving_landmarks, settings, mr_bone, stage
+            mr, images.ct, images.ct_labels, fixed_landmarks, moving_landmarks, settings, mr_bone, stage
         )
     with clock.stage("preprocess"):
         if progress:
             progress(0.2, "resampling to the processing grid")
-        grid = processing_grid(Geometry.of(images.fixed), images.ct_labels, pre, settings, net.config.required_multiple)
+        grid = processing_grid(Geometry.of(mr), images.ct_labels, pre, settings, net.config.required_multiple)
         check_memory(grid, device)
         network_bone = bone_probability if net.config.use_fixed_bone else None
-        pair = to_processing_grid(images.fixed, images.ct, images.ct_labels, pre, grid, network_bone, point_pairs)
+        pair = to_processing_grid(mr, images.ct, images.ct_labels, pre, grid, network_bone, point_pairs)
     if progress:
         progress(0.3, "network inference")
     displacement, velocity, stage_times = register_prealigned(
@@ -482,6 +487,7 @@ def assemble_result(
         **field_stats,
         "prealign_method": pre.method,
         "prealign_residual_mm": pre.residual_mm,
+        "mr_bias_corrected": settings.bias_correction,
         "device": str(next(network.parameters()).device),
         "model": asdict(network.config) | {"path": settings.model_path or "bundled"},
         "vertebra_rigid_steps": settings.vertebra_rigid.steps if started_from == "network" else 0,

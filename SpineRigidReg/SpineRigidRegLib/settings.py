@@ -33,6 +33,8 @@ class RegistrationSettings:
         bone_prealign: Without MR points, pre-align the CT's vertebrae onto the MR's predicted bone
             (:mod:`.segmentation.align`) instead of the intensity search; falls back to it when refused. Off by
             default until the segmentation is accurate on every benchmark tier (docs/BENCHMARKS.md).
+        bias_correction: Divide the MR's intensity bias field out (:mod:`.bias_field`) before the pre-alignment
+            and the registration; the outputs and the QA picture keep the MR as given.
         deterministic: The same inputs give the same result: the automatic pre-alignment's ITK metric runs on one
             thread (its multi-threaded sums differ from run to run); the torch stages are deterministic on the CPU.
     """
@@ -51,6 +53,7 @@ class RegistrationSettings:
     spacing_mm: float = 1.0
     mr_segmentation: bool = True
     bone_prealign: bool = False
+    bias_correction: bool = True
     deterministic: bool = True
 
     def __post_init__(self) -> None:

@@ -294,5 +294,8 @@ def test_presets_and_a_config_file_reach_the_pipeline(case, tmp_path, capsys):
     assert run_register(case, tmp_path / "a", "--preset", "strict", "--config", str(config)) == 0
     summary = json.loads((tmp_path / "a" / "summary.json").read_text(encoding="utf-8"))
     assert summary["vertebra_rigid_steps"] == 0 and summary["refine_steps"] == 2
+    assert summary["mr_bias_corrected"] is True
+    assert run_register(case, tmp_path / "c", "--config", str(config), "--no-bias-correction") == 0
+    assert json.loads((tmp_path / "c" / "summary.json").read_text(encoding="utf-8"))["mr_bias_corrected"] is False
     assert run_register(case, tmp_path / "b", "--preset", "extreme") == 2
     assert "unknown rigidity preset" in capsys.readouterr().err and not (tmp_path / "b").exists()

@@ -503,7 +503,7 @@ def _runs(speed: Mapping) -> str:
 
 
 #: Stages shown per scenario (the rest are in speed.json).
-SPEED_STAGES = ("mr_segmentation", "prealign", "preprocess", "network", "vertebra_rigid", "outputs")
+SPEED_STAGES = ("mr_segmentation", "bias_field", "prealign", "preprocess", "network", "vertebra_rigid", "outputs")
 
 
 def _scenario_lines(speed: Mapping) -> list[str]:

@@ -117,6 +117,11 @@ def _add_vertebra_arguments(options: argparse._ArgumentGroup) -> None:
         help="do not predict the MR's vertebrae (no mr_vertebrae_predicted.nii.gz, no 'on MR bone' column)",
     )
     options.add_argument(
+        "--no-bias-correction",
+        action="store_true",
+        help="register the MR's intensities as they are, without dividing out its bias field (coil shading)",
+    )
+    options.add_argument(
         "--prealign-from-bone",
         action="store_true",
         help="without MR points, pre-align onto the MR's predicted vertebrae instead of the intensity search "
@@ -168,6 +173,7 @@ def _run(args: argparse.Namespace) -> int:
         rigidity=parse_assignments(args.rigidity),
         mr_segmentation=False if args.no_mr_segmentation else None,
         bone_prealign=True if args.prealign_from_bone else None,
+        bias_correction=False if args.no_bias_correction else None,
     )
     paths = _input_paths(args)
     fixed = io.read_image(paths["fixed"])
