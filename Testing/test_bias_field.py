@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import SimpleITK as sitk
-from SpineRigidRegLib.bias_field import correct_bias_field
+from SpineRigidRegLib.bias_field import MAX_FIT_VOXELS, correct_bias_field, fit_factors
 
 
 def shaded_mr(shading: float) -> tuple[sitk.Image, np.ndarray, np.ndarray]:
@@ -55,3 +55,14 @@ def test_an_unshaded_mr_is_left_nearly_as_it_is_and_an_empty_one_exactly():
     assert np.percentile(ratio, 95) / np.percentile(ratio, 5) < 1.1
     empty = sitk.Image([6, 5, 4], sitk.sitkFloat32)
     assert not sitk.GetArrayFromImage(correct_bias_field(empty)).any()
+
+
+def test_the_fit_grid_is_about_5_mm_and_small_whatever_the_mr():
+    """Factors per axis (x, y, z): a clinical series' fine pixels are shrunk, its thick slices kept; a 3 mm isotropic
+    MR, whose 5 mm grid rounds down to its own, is shrunk until the fit is small; a tiny MR keeps 8 voxels a side."""
+    assert fit_factors((233, 130, 15), (0.64, 0.64, 4.3)) == [7, 7, 1]
+    assert fit_factors((117, 91, 20), (3.0, 3.0, 3.0)) == [2, 2, 2]
+    assert fit_factors((20, 12, 9), (0.5, 0.5, 0.5)) == [2, 1, 1]
+    for size, spacing in [((512, 512, 400), (0.78, 0.78, 1.0)), ((400, 400, 300), (3.0, 3.0, 3.0))]:
+        factors = fit_factors(size, spacing)
+        assert np.prod([-(-n // f) for n, f in zip(size, factors)]) <= MAX_FIT_VOXELS

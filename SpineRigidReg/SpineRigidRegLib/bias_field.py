@@ -24,8 +24,30 @@ FIT_SPACING_MM = 5.0
 FIT_LEVELS = 3
 FIT_ITERATIONS = 10
 
-#: The fit keeps at least this many voxels along each axis (a small MR is shrunk less).
+#: The fit keeps at least this many voxels along each axis (a small MR is shrunk less), and at most this many in all.
 MIN_FIT_VOXELS = 8
+MAX_FIT_VOXELS = 40_000
+
+
+def fit_factors(size: tuple[int, ...], spacing: tuple[float, ...]) -> list[int]:
+    """Shrink factors per axis (x, y, z) for the fit: voxels of about :data:`FIT_SPACING_MM` (rounded down), every
+    axis kept at :data:`MIN_FIT_VOXELS` or more, and the finest axes shrunk further while the fit would exceed
+    :data:`MAX_FIT_VOXELS` (a 3 mm isotropic MR: 2.1 s at its own grid, 0.3 s at 6 mm)."""
+    factors = [max(min(int(FIT_SPACING_MM // s), n // MIN_FIT_VOXELS), 1) for s, n in zip(spacing, size)]
+
+    def voxels() -> int:
+        return int(np.prod([-(-n // f) for n, f in zip(size, factors)]))
+
+    while voxels() > MAX_FIT_VOXELS:
+        coarser = [f * s for f, s, n in zip(factors, spacing, size) if n // (f + 1) >= MIN_FIT_VOXELS]
+        if not coarser:
+            break
+        finest = min(coarser)
+        factors = [
+            f + 1 if np.isclose(f * s, finest) and n // (f + 1) >= MIN_FIT_VOXELS else f
+            for f, s, n in zip(factors, spacing, size)
+        ]
+    return factors
 
 
 def correct_bias_field(mr: sitk.Image) -> sitk.Image:
@@ -36,10 +58,7 @@ def correct_bias_field(mr: sitk.Image) -> sitk.Image:
     """
     image = sitk.Cast(mr, sitk.sitkFloat32)
     foreground = sitk.OtsuThreshold(image, 0, 1, 200)
-    # Shrunk to about FIT_SPACING_MM, but never below MIN_FIT_VOXELS along an axis.
-    factors = [
-        max(min(int(FIT_SPACING_MM // s), n // MIN_FIT_VOXELS), 1) for s, n in zip(image.GetSpacing(), image.GetSize())
-    ]
+    factors = fit_factors(image.GetSize(), image.GetSpacing())
     small, small_foreground = sitk.Shrink(image, factors), sitk.Shrink(foreground, factors)
     if np.count_nonzero(sitk.GetArrayViewFromImage(small_foreground)) < MIN_FIT_VOXELS**2:
         return image  # too little tissue to fit a field on (a tiny or nearly empty image): leave it as it is
