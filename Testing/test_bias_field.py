@@ -66,3 +66,24 @@ def test_the_fit_grid_is_about_5_mm_and_small_whatever_the_mr():
     for size, spacing in [((512, 512, 400), (0.78, 0.78, 1.0)), ((400, 400, 300), (3.0, 3.0, 3.0))]:
         factors = fit_factors(size, spacing)
         assert np.prod([-(-n // f) for n, f in zip(size, factors)]) <= MAX_FIT_VOXELS
+
+
+def test_a_re_run_on_the_same_mr_reuses_its_correction_and_a_changed_copy_does_not_leak(monkeypatch):
+    from SpineRigidRegLib import bias_field
+
+    bias_field.forget_corrections()
+    fits = []
+    real = bias_field._divided_by_field
+    monkeypatch.setattr(bias_field, "_divided_by_field", lambda mr: fits.append(1) or real(mr))
+    image, _, _ = shaded_mr(0.3)
+    first = correct_bias_field(image)
+    first[5, 5, 5] = -1.0  # the caller changes its copy
+    second = correct_bias_field(sitk.Image(image))  # the same MR, another object
+    assert len(fits) == 1 and second[5, 5, 5] != -1.0
+    other = sitk.Image(image)
+    other[0, 0, 0] = 7.0
+    correct_bias_field(other)  # another MR
+    assert len(fits) == 2
+    bias_field.forget_corrections()
+    correct_bias_field(image)
+    assert len(fits) == 3

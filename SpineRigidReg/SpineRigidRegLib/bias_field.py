@@ -10,9 +10,12 @@ vertebrae 0.08-0.14 mm off, and dividing it out (N4, Tustison et al. 2010) lower
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 
 import numpy as np
 import SimpleITK as sitk
+
+from .inputs import image_digest
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +57,28 @@ def correct_bias_field(mr: sitk.Image) -> sitk.Image:
     """``mr`` divided by its N4 bias field: float32, same grid and geometry (``mr`` itself is not changed).
 
     The field is fitted on the MR shrunk to about :data:`FIT_SPACING_MM` within its Otsu foreground (tissue, not
-    the air around the patient) and evaluated at every voxel of ``mr``.
+    the air around the patient) and evaluated at every voxel of ``mr``. The last :data:`CACHED_MRS` MRs' results are
+    kept: a manual-correction re-run reads the same MR (a quarter of a second of the sample case's re-run).
     """
+    key = image_digest(mr)
+    if key not in _CORRECTED:
+        _CORRECTED[key] = _divided_by_field(mr)
+        while len(_CORRECTED) > CACHED_MRS:
+            _CORRECTED.popitem(last=False)
+    return sitk.Image(_CORRECTED[key])  # a copy: the caller may change its own
+
+
+#: MRs whose correction is kept for re-runs.
+CACHED_MRS = 2
+_CORRECTED: OrderedDict[str, sitk.Image] = OrderedDict()
+
+
+def forget_corrections() -> None:
+    """Empty :func:`correct_bias_field`'s cache (a benchmark timing a first registration)."""
+    _CORRECTED.clear()
+
+
+def _divided_by_field(mr: sitk.Image) -> sitk.Image:
     image = sitk.Cast(mr, sitk.sitkFloat32)
     foreground = sitk.OtsuThreshold(image, 0, 1, 200)
     factors = fit_factors(image.GetSize(), image.GetSpacing())

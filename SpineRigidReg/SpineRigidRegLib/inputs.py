@@ -6,6 +6,7 @@ the caller's images are never changed (a repaired copy is returned instead).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import numpy as np
@@ -176,3 +177,12 @@ def _frame_box(a: Geometry, b: Geometry) -> tuple[np.ndarray, np.ndarray]:
     """Array-index bounding box of grid ``a``'s corners in grid ``b``."""
     idx = b.lps_to_array_index(a.corners_lps())
     return idx.min(axis=0), idx.max(axis=0)
+
+
+def image_digest(image: sitk.Image) -> str:
+    """sha1 of an image's voxels, pixel type and geometry: the same digest means the same image (the MR of a
+    re-run, whose segmentation and bias correction are kept)."""
+    digest = hashlib.sha1(sitk.GetArrayViewFromImage(image).tobytes())
+    geometry = (image.GetPixelIDValue(), image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+    digest.update(repr(geometry).encode())
+    return digest.hexdigest()

@@ -30,6 +30,7 @@ import SimpleITK as sitk
 import torch
 
 from ..baselines.elastix import ElastixSettings, is_available, register_elastix
+from ..bias_field import forget_corrections
 from ..choices import make_settings
 from ..segmentation.stage import forget_predictions
 from .runner import PeakMemory, bundled_model_available, named_centroids
@@ -56,8 +57,8 @@ def timed_registration(
 
     Args:
         same_mr: The MR was registered just before in this process (a manual-correction re-run): its segmentation
-            is kept, as the Slicer module's and a script's re-runs keep it. Otherwise the MR is segmented again, as
-            in a first registration.
+            and bias correction are kept, as the Slicer module's and a script's re-runs keep them. Otherwise both are
+            computed again, as in a first registration.
         repeats: Runs; the one with the shortest registration time is reported, with the largest peak memory.
 
     Returns:
@@ -69,6 +70,7 @@ def timed_registration(
     for _ in range(max(int(repeats), 1)):
         if not same_mr:
             forget_predictions()
+            forget_corrections()
         with PeakMemory(torch.device(device)) as memory:
             start = time.perf_counter()
             result = run()

@@ -8,7 +8,6 @@ accuracy on real MR is in docs/BENCHMARKS.md).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import OrderedDict
 from functools import lru_cache
@@ -17,6 +16,7 @@ import SimpleITK as sitk
 import torch
 
 from ..errors import InputError
+from ..inputs import image_digest
 from ..metrics import share_on_mask_percent
 from .predict import bundled_card, load_bundled_segmentation, predict_bone
 
@@ -39,7 +39,7 @@ def predict_mr_bone(fixed: sitk.Image, device: torch.device | str = "cpu") -> si
     except InputError as error:
         logger.warning("MR segmentation skipped: %s", error)
         return None
-    key = (_image_digest(fixed), str(device))
+    key = (image_digest(fixed), str(device))
     cached = _PREDICTIONS.get(key)
     if cached is None or cached[0] is not network:
         cached = _PREDICTIONS[key] = (network, predict_bone(fixed, network, device))
@@ -58,14 +58,6 @@ def forget_predictions() -> None:
     """Empty the cache of :func:`predict_mr_bone`, so that the next registration segments its MR again (a benchmark
     timing a first registration)."""
     _PREDICTIONS.clear()
-
-
-def _image_digest(image: sitk.Image) -> str:
-    """sha1 of an image's voxels, pixel type and geometry: the same digest means the same MR."""
-    digest = hashlib.sha1(sitk.GetArrayViewFromImage(image).tobytes())
-    geometry = (image.GetPixelIDValue(), image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
-    digest.update(repr(geometry).encode())
-    return digest.hexdigest()
 
 
 def add_mr_bone_agreement(rows: list[dict], warped_labels: torch.Tensor, mr_bone: torch.Tensor) -> None:
