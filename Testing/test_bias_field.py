@@ -46,7 +46,7 @@ def test_the_shading_is_divided_out_and_the_tissue_contrast_kept():
         assert getattr(corrected, get)() == getattr(image, get)()
 
 
-def test_an_unshaded_mr_is_left_nearly_as_it_is_and_an_empty_one_exactly():
+def test_an_unshaded_mr_is_left_nearly_as_it_is_and_an_empty_or_signed_one_exactly():
     image, _, _ = shaded_mr(0.0)
     array = sitk.GetArrayFromImage(image)
     after = sitk.GetArrayFromImage(correct_bias_field(image))
@@ -55,6 +55,13 @@ def test_an_unshaded_mr_is_left_nearly_as_it_is_and_an_empty_one_exactly():
     assert np.percentile(ratio, 95) / np.percentile(ratio, 5) < 1.1
     empty = sitk.Image([6, 5, 4], sitk.sitkFloat32)
     assert not sitk.GetArrayFromImage(correct_bias_field(empty)).any()
+    signed = sitk.Image(image) - 300.0  # mostly negative, not a magnitude image: N4's model does not apply
+    assert np.array_equal(sitk.GetArrayFromImage(correct_bias_field(signed)), array - 300.0)
+    dipping = sitk.GetArrayFromImage(image)
+    dipping[0, :10, :] = -20.0  # a magnitude MR's background just below 0 (1 % of it) is still corrected
+    shaded = sitk.GetImageFromArray(dipping)
+    shaded.CopyInformation(image)
+    assert not np.array_equal(sitk.GetArrayFromImage(correct_bias_field(shaded)), dipping)
 
 
 def test_the_fit_grid_is_about_5_mm_and_small_whatever_the_mr():

@@ -40,7 +40,7 @@ def test_the_report_lists_every_situation_with_its_goal_and_stages():
         "scenarios": rows, "command_s": 12.5, "command_goal_s": 5.0,
     }  # fmt: skip
     text = "\n".join(report._speed_section(figures, "."))
-    assert "| sample case, no points | 5.00 | 2 | 0.00 | 1.50 | 0.00 | 0.50 | 2.00 | 1.00 | 900 |" in text
+    assert "| sample case, no points | 5.00 | 2 | 0.00 | 0.00 | 1.50 | 0.00 | 0.50 | 2.00 | 1.00 | 900 |" in text
     assert "| 512 x 512 x 400 CT, no points | 30.00 | 10 |" in text
     assert "`srr-register --sample` command" in text and "12.50" in text
 
