@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from SpineRigidRegLib.benchmark.report import machine_info
+from SpineRigidRegLib.bias_field import forget_corrections
 from SpineRigidRegLib.checkpoint import resources_dir
 from SpineRigidRegLib.cli.register import SAMPLE_FILES
 from SpineRigidRegLib.io import read_image, read_landmarks
@@ -57,6 +58,7 @@ def _inputs() -> dict:
 def _run(data: dict, points: bool, out: Path) -> dict[str, float]:
     landmarks = {"fixed_landmarks": data["fixed_landmarks"], "moving_landmarks": data["moving_landmarks"]}
     forget_predictions()  # every run a first registration of the MR
+    forget_corrections()
     result = register(
         data["fixed"],
         data["moving"],
