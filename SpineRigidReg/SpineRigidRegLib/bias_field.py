@@ -3,8 +3,8 @@
 A spine MR is brighter near the surface coil than away from it, smoothly over tens of mm. Under such a field one
 vertebra's bone is brighter than its neighbour's, and the NMI of the vertebra-wise stage, one joint histogram over
 all of them, found its optimum off the truth: on the clinical tier's pairs in register the field alone held the
-vertebrae 0.08-0.14 mm off, and dividing it out (N4, Tustison et al. 2010) lowered every clinical case's error
-(issue 18's item 10 and issue 16's closing notes of session 17, docs/BENCHMARKS_TIERS.md).
+vertebrae 0.08-0.14 mm off, and dividing it out (N4, Tustison et al. 2010) lowered the clinical cases' mean error
+(the figures: docs/BENCHMARKS_TIERS.md, its session-17 paragraph).
 """
 
 from __future__ import annotations

@@ -155,7 +155,7 @@ def _pointed_only(pair: ProcessingPair, weights: Mapping[int, float] | None) -> 
     lies on a vertebra that may move."""
     pointed, weights = vertebrae_at_points(pair), weights or {}
     present = present_labels(pair.moving_labels)
-    chosen = {int(v): (weights.get(int(v), 1.0) if int(v) in pointed else 0.0) for v in present if v > 0}
+    chosen = {v: (weights.get(v, 1.0) if v in pointed else 0.0) for v in present}
     return chosen if any(w > 0 for w in chosen.values()) else {}
 
 

@@ -45,19 +45,20 @@ def test_the_report_lists_every_situation_with_its_goal_and_stages():
     assert "`srr-register --sample` command" in text and "12.50" in text
 
 
-def test_a_first_registration_segments_the_mr_again_and_a_correction_keeps_its_segmentation(monkeypatch):
-    """A scenario times a first registration of its MR (the segmentation cache emptied); the correction re-run keeps
-    the segmentation of the run it corrects, as the Slicer module's re-runs do."""
+def test_a_first_registration_segments_and_corrects_the_mr_again_and_a_correction_keeps_both(monkeypatch):
+    """A scenario times a first registration of its MR (the segmentation and bias-correction caches emptied); the
+    correction re-run keeps those of the run it corrects, as the Slicer module's re-runs do."""
     forgotten = []
     monkeypatch.setattr(speed, "forget_predictions", lambda: forgotten.append(1))
+    monkeypatch.setattr(speed, "forget_corrections", lambda: forgotten.append(2))
 
     class Result:
         timings = {"network": 0.5, "outputs": 1.0, "total": 2.0}
 
     first = speed.timed_registration("first", "first", Result, "cpu")
-    assert forgotten == [1] and first["registration_s"] == 1.0
+    assert forgotten == [1, 2] and first["registration_s"] == 1.0
     speed.timed_registration("correction", "correction", Result, "cpu", same_mr=True)
-    assert forgotten == [1]
+    assert forgotten == [1, 2]
 
 
 def test_a_repeated_scenario_reports_its_fastest_run_with_the_largest_peak_memory(monkeypatch):
