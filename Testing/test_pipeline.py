@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from SpineRigidRegLib import pipeline
+from SpineRigidRegLib import pipeline, polyrigid
+from SpineRigidRegLib import warp as warp_module
 from SpineRigidRegLib.data.phantom import make_phantom
 from SpineRigidRegLib.errors import CancelledError, InputError
 from SpineRigidRegLib.network import NetworkConfig, RegistrationNet
@@ -270,6 +271,28 @@ def test_point_pairs_on_a_vertebra_move_it_rigidly_on_a_re_run_without_dense_ref
                 tuple(centre)
             )
             assert np.linalg.norm(moved) < 0.01, (value, moved)  # mm (re-fitted as well, they moved up to 0.7)
+
+
+def test_a_correction_reuses_the_map_of_the_result_it_corrects_and_ends_as_without_it(phantom, network, monkeypatch):
+    """A re-run from a previous result's velocity starts from that result's map, integrated by its run: the same
+    correction after :func:`pipeline.forget_kept_work` integrates it again and ends bit for bit the same."""
+    mr = oblique_mr(phantom, sitk.Euler3DTransform())
+    settings = pipeline.RegistrationSettings(device="cpu", refine_steps=0, margin_mm=8.0)
+    first = pipeline.register(mr, phantom.ct, phantom.labels, settings=settings, network=network)
+    centre = np.asarray(label_centroids(phantom.labels)[sorted(label_centroids(phantom.labels))[1]])
+    pairs = [(np.asarray(first.transform.TransformPoint(tuple(centre))) + [0.0, 1.0, 0.0], centre)]
+    first.inverse_transform()  # the module shows the inverse too: it must not push out the map
+    integrated = []
+    real = polyrigid.map_of_velocity
+    monkeypatch.setattr(
+        polyrigid, "map_of_velocity", lambda v, n: integrated.append(warp_module._KEPT_MAPS[:]) or real(v, n)
+    )
+    run = dict(settings=settings, network=network, initial_velocity=first.velocity, point_pairs=pairs)
+    kept = pipeline.register(mr, phantom.ct, phantom.labels, **run)
+    assert any(torch.equal(v, first.velocity) for _, v, _ in integrated[0])  # the start's map was there to reuse
+    pipeline.forget_kept_work()
+    again = pipeline.register(mr, phantom.ct, phantom.labels, **run)
+    assert torch.equal(kept.velocity, again.velocity)
 
 
 def test_progress_is_monotonic_and_cancel_raises(phantom, network):

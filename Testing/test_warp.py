@@ -8,13 +8,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from SpineRigidRegLib import warp as warp_module
 from SpineRigidRegLib.errors import InputError
 from SpineRigidRegLib.warp import (
     SpatialTransformer,
     VelocityIntegrator,
     compose,
+    displacement_from_velocity,
+    forget_maps,
     identity_grid,
     integrate_velocity,
+    map_of_velocity,
     present_labels,
     resize_displacement,
     sample_at,
@@ -288,3 +292,26 @@ def test_present_labels_are_the_sorted_non_zero_values_as_unique_gives_them(larg
     assert present_labels(labels) == expected
     assert present_labels(labels.to(torch.int32)[0, 0]) == expected
     assert present_labels(torch.zeros(0, dtype=torch.int64)) == []
+
+
+def test_map_of_a_velocity_reuses_a_recent_integration_as_a_copy_and_integrates_any_other(monkeypatch):
+    forget_maps()
+    torch.manual_seed(0)
+    velocity = torch.randn(1, 3, 6, 7, 8) * 0.5
+    other = velocity.clone()
+    other[0, 0, 3, 3, 3] += 0.1
+    expected = integrate_velocity(velocity, 5)
+    displacement_from_velocity(velocity, 5, (12, 14, 16))
+    displacement_from_velocity(-velocity, 5, (12, 14, 16))  # the inverse map does not push the map out
+    integrated = []
+    monkeypatch.setattr(warp_module, "integrate_velocity", lambda v, steps: integrated.append(1) or expected + 0)
+    kept = map_of_velocity(velocity.clone(), 5)
+    assert torch.equal(kept, expected) and not integrated
+    kept.add_(1.0)  # a copy: changing it changes nothing kept
+    assert torch.equal(map_of_velocity(velocity, 5), expected) and not integrated
+    map_of_velocity(other, 5)  # one voxel changed
+    map_of_velocity(velocity, 4)  # other steps
+    assert len(integrated) == 2
+    forget_maps()
+    map_of_velocity(velocity, 5)
+    assert len(integrated) == 3

@@ -22,12 +22,10 @@ from pathlib import Path
 
 import torch
 from SpineRigidRegLib.benchmark.report import machine_info
-from SpineRigidRegLib.bias_field import forget_corrections
 from SpineRigidRegLib.checkpoint import resources_dir
 from SpineRigidRegLib.cli.register import SAMPLE_FILES
 from SpineRigidRegLib.io import read_image, read_landmarks
-from SpineRigidRegLib.pipeline import RegistrationSettings, register, write_outputs
-from SpineRigidRegLib.segmentation.stage import forget_predictions
+from SpineRigidRegLib.pipeline import RegistrationSettings, forget_kept_work, register, write_outputs
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = (
@@ -57,8 +55,7 @@ def _inputs() -> dict:
 
 def _run(data: dict, points: bool, out: Path) -> dict[str, float]:
     landmarks = {"fixed_landmarks": data["fixed_landmarks"], "moving_landmarks": data["moving_landmarks"]}
-    forget_predictions()  # every run a first registration of the MR
-    forget_corrections()
+    forget_kept_work()  # every run a first registration of the MR
     result = register(
         data["fixed"],
         data["moving"],

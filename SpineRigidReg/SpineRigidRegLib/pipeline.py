@@ -31,7 +31,7 @@ import SimpleITK as sitk
 import torch
 
 from . import metrics
-from .bias_field import correct_bias_field
+from .bias_field import correct_bias_field, forget_corrections
 from .checkpoint import card_sha256, load_bundled_network, load_network, select_device
 from .data.vertebrae import label_names
 from .errors import CancelledError
@@ -55,7 +55,7 @@ from .refine import RefineWeights, refine_velocity
 from .result import MAX_VOLUME_CHANGE_PERCENT, RegistrationResult, check_plausible
 from .segmentation.align import bone_prealignment
 from .segmentation.predict import BONE_THRESHOLD
-from .segmentation.stage import add_mr_bone_agreement, mr_bone_summary, predict_mr_bone
+from .segmentation.stage import add_mr_bone_agreement, forget_predictions, mr_bone_summary, predict_mr_bone
 from .settings import RegistrationSettings
 from .vertebra_report import (
     MR_COVERAGE_WARN_PERCENT,
@@ -64,7 +64,7 @@ from .vertebra_report import (
     label_interpolator,
     vertebra_rigid_transforms,
 )
-from .warp import displacement_from_velocity, present_labels, warp_labels
+from .warp import displacement_from_velocity, forget_maps, present_labels, warp_labels
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,15 @@ def _report(progress: ProgressCallback | None, start: float, end: float) -> Prog
     if progress is None:
         return None
     return lambda fraction, message: progress(start + (end - start) * min(max(fraction, 0.0), 1.0), message)
+
+
+def forget_kept_work() -> None:
+    """Drop what runs keep for the next run on the same images: the MR's segmentation and bias correction, and the
+    maps of the last results' velocities (a manual correction starts from one). A benchmark calls it before timing
+    a first registration."""
+    forget_predictions()
+    forget_corrections()
+    forget_maps()
 
 
 def _check_cancel(should_cancel: CancelCallback | None) -> None:

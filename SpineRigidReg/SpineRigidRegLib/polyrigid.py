@@ -35,6 +35,7 @@ from .warp import (
     identity_grid,
     inside_moving_image,
     integrate_velocity,
+    map_of_velocity,
     overlap_mask,
     present_labels,
     sample_at,
@@ -459,7 +460,7 @@ class SampledProblem:
         if point_pairs is not None and len(point_pairs[0]) and settings.points_weight > 0:
             self.sources, targets = (p.to(fixed.device).float() for p in point_pairs)
             self.pair_targets_mm = targets * self.step_mm
-        voxels = torch.stack(torch.unravel_index(index, tuple(fixed.shape[2:])), dim=1).float()  # (N, 3) array order
+        voxels = _unravel(index, tuple(fixed.shape[2:]))
         self._compare_at(voxels, fixed.flatten()[index])
 
     def _compare_at(self, voxels: torch.Tensor, values: torch.Tensor) -> None:
@@ -658,7 +659,7 @@ def _values_at(volume: torch.Tensor, voxels: torch.Tensor) -> torch.Tensor:
 def _base_displacement(velocity: torch.Tensor, integration_steps: int) -> torch.Tensor | None:
     """The map of the start's ``velocity`` ``(1, 3, d, h, w)`` (voxels): ``None`` for a zero velocity, without
     integrating."""
-    return integrate_velocity(velocity, integration_steps) if bool(velocity.any()) else None
+    return map_of_velocity(velocity, integration_steps) if bool(velocity.any()) else None
 
 
 def _displacement_mm(
@@ -730,6 +731,13 @@ def _dilated_along(mask: torch.Tensor, axis: int, radius: int) -> torch.Tensor:
     index = torch.arange(size, device=mask.device)
     above, below = (index + radius + 1).clamp(max=size), (index - radius).clamp(min=0)
     return count.index_select(axis, above) > count.index_select(axis, below)
+
+
+def _unravel(index: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """``(N, 3)`` float grid indices (array order) of the flat ``index`` ``(N,)`` into ``shape``. Not
+    ``torch.unravel_index``, whose argument check imports sympy on first use (0.25 s of every command)."""
+    _, h, w = shape
+    return torch.stack([index // (h * w), (index // w) % h, index % w], dim=1).float()
 
 
 def _sample_points(region: torch.Tensor, count: int) -> torch.Tensor:

@@ -167,6 +167,7 @@ def save_qa_figure(result: RegistrationResult, path: str | os.PathLike, fixed: s
         f"|Δvol| {summary.get('abs_volume_change_percent_mean', float('nan')):.2f}%   "
         f"folding voxels {summary.get('folding_voxels', 0)}   pre-alignment: {result.prealign_method}"
     )
-    fig.tight_layout()
-    fig.savefig(path)
+    # Fixed margins: tight_layout draws the whole figure once more to measure it (a sixth of the picture's time).
+    fig.subplots_adjust(left=0.01, right=0.97, bottom=0.01, top=0.91, wspace=0.08, hspace=0.1)
+    fig.savefig(path, pil_kwargs={"compress_level": 1})  # the default level 6: 3x the encoding time, 2/3 the size
     plt.close(fig)

@@ -296,7 +296,46 @@ def displacement_from_velocity(velocity: torch.Tensor, integration_steps: int, s
     """``exp(velocity)`` as a ``(1, 3, *shape)`` displacement (voxels of ``shape``): the velocity ``(1, 3, d, h, w)``
     (voxels of its own grid) integrated by scaling and squaring, then resized; ``-velocity`` gives the inverse map."""
     with torch.no_grad():
-        return resize_displacement(integrate_velocity(velocity, integration_steps), shape)
+        exponential = integrate_velocity(velocity, integration_steps)
+    _keep_map(velocity, integration_steps, exponential)
+    return resize_displacement(exponential, shape)
+
+
+def map_of_velocity(velocity: torch.Tensor, integration_steps: int) -> torch.Tensor:
+    """``exp(velocity)`` ``(1, 3, d, h, w)`` on the velocity's own grid (voxels), without gradient: a copy of the
+    map :func:`displacement_from_velocity` integrated for an equal velocity among its last few calls (a manual
+    correction starts from the previous result's velocity, whose map that result's run has just integrated), or a
+    new integration."""
+    for steps, kept_velocity, kept_map in list(_KEPT_MAPS):
+        if steps == integration_steps and _same_tensor(kept_velocity, velocity):
+            return kept_map.clone()
+    with torch.no_grad():
+        return integrate_velocity(velocity, integration_steps)
+
+
+#: :func:`displacement_from_velocity`'s last :data:`_MAPS_KEPT` integrations, newest first: ``(integration steps,
+#: velocity, map on the velocity's grid)``; two, so that a result's inverse map does not push out its map.
+_KEPT_MAPS: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+_MAPS_KEPT = 2
+
+
+def _keep_map(velocity: torch.Tensor, integration_steps: int, exponential: torch.Tensor) -> None:
+    if velocity.shape[0] != 1:
+        return
+    _KEPT_MAPS[:] = [
+        kept for kept in _KEPT_MAPS if not (kept[0] == integration_steps and _same_tensor(kept[1], velocity))
+    ]
+    _KEPT_MAPS.insert(0, (integration_steps, velocity.detach().clone(), exponential.clone()))
+    del _KEPT_MAPS[_MAPS_KEPT:]
+
+
+def forget_maps() -> None:
+    """Drop the maps :func:`map_of_velocity` would reuse."""
+    _KEPT_MAPS.clear()
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b))
 
 
 def _check_field(field: torch.Tensor, name: str) -> None:

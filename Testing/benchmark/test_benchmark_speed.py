@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import SimpleITK as sitk
+from SpineRigidRegLib import pipeline
 from SpineRigidRegLib.benchmark import report, speed
 from SpineRigidRegLib.data.phantom import make_phantom
 
@@ -46,26 +47,25 @@ def test_the_report_lists_every_situation_with_its_goal_and_stages():
 
 
 def test_a_first_registration_segments_and_corrects_the_mr_again_and_a_correction_keeps_both(monkeypatch):
-    """A scenario times a first registration of its MR (the segmentation and bias-correction caches emptied); the
-    correction re-run keeps those of the run it corrects, as the Slicer module's re-runs do."""
+    """A scenario times a first registration of its MR (what runs keep emptied: segmentation, bias correction,
+    maps); the correction re-run keeps those of the run it corrects, as the Slicer module's re-runs do."""
     forgotten = []
-    monkeypatch.setattr(speed, "forget_predictions", lambda: forgotten.append(1))
-    monkeypatch.setattr(speed, "forget_corrections", lambda: forgotten.append(2))
+    monkeypatch.setattr(pipeline, "forget_kept_work", lambda: forgotten.append(1))
 
     class Result:
         timings = {"network": 0.5, "outputs": 1.0, "total": 2.0}
 
     first = speed.timed_registration("first", "first", Result, "cpu")
-    assert forgotten == [1, 2] and first["registration_s"] == 1.0
+    assert forgotten == [1] and first["registration_s"] == 1.0
     speed.timed_registration("correction", "correction", Result, "cpu", same_mr=True)
-    assert forgotten == [1, 2]
+    assert forgotten == [1]
 
 
 def test_a_repeated_scenario_reports_its_fastest_run_with_the_largest_peak_memory(monkeypatch):
     """A shared machine moves one run's time by tens of per cent: the figure is the fastest run's, whole (its stages
     belong to it), and the memory is the worst run's, so that a lucky run cannot hide a large allocation."""
     runs = iter([(4.0, 900.0), (2.5, 700.0), (3.0, 1200.0)])
-    monkeypatch.setattr(speed, "forget_predictions", lambda: None)
+    monkeypatch.setattr(pipeline, "forget_kept_work", lambda: None)
 
     class Memory:
         def __init__(self, device):

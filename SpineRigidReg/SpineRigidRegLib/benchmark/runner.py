@@ -41,7 +41,6 @@ from ..data.vertebrae import label_names
 from ..errors import InputError
 from ..geometry import Geometry, displacement_field_image, displacement_from_field_image
 from ..preprocess import resample_to_reference
-from ..segmentation.stage import forget_predictions
 from ..system import process_status_kb
 from ..warp import warp_labels
 from .cases import BenchmarkCase
@@ -359,7 +358,7 @@ def run_method(method: Method, case: BenchmarkCase, models: ModelCache | None = 
             displacement, result.runtime_s + resampled, memory.peak_mb, f"cpu ({threads} threads)", timings
         )
     if method.kind == KIND_MODEL:
-        from ..pipeline import register
+        from ..pipeline import forget_kept_work, register
 
         models = models or ModelCache()
         network = models.get(method.checkpoint)
@@ -370,7 +369,7 @@ def run_method(method: Method, case: BenchmarkCase, models: ModelCache | None = 
             vertebra_steps=method.vertebra_rigid_steps,
             bone_prealign=True if method.bone_prealign else None,
         )
-        forget_predictions()  # each row times a first registration of its case, whatever ran before it
+        forget_kept_work()  # each row times a first registration of its case, whatever ran before it
         with PeakMemory(device) as memory:
             result = register(
                 case.fixed,

@@ -30,9 +30,7 @@ import SimpleITK as sitk
 import torch
 
 from ..baselines.elastix import ElastixSettings, is_available, register_elastix
-from ..bias_field import forget_corrections
 from ..choices import make_settings
-from ..segmentation.stage import forget_predictions
 from .runner import PeakMemory, bundled_model_available, named_centroids
 
 ProgressCallback = Callable[[float, str], None]
@@ -57,20 +55,22 @@ def timed_registration(
 
     Args:
         same_mr: The MR was registered just before in this process (a manual-correction re-run): its segmentation
-            and bias correction are kept, as the Slicer module's and a script's re-runs keep them. Otherwise both are
-            computed again, as in a first registration.
+            and bias correction and the map of the result it corrects are kept (:func:`..pipeline.forget_kept_work`), as
+            the Slicer module's and a script's re-runs keep them. Otherwise all are computed again, as in a first
+            registration.
         repeats: Runs; the one with the shortest registration time is reported, with the largest peak memory.
 
     Returns:
         ``{"key", "name", "registration_s" (all stages but outputs), "pipeline_s" (wall-clock incl. outputs),
         "stages_s", "peak_memory_mb", "repeats"}``.
     """
+    from ..pipeline import forget_kept_work
+
     best: dict | None = None
     peak = 0.0
     for _ in range(max(int(repeats), 1)):
         if not same_mr:
-            forget_predictions()
-            forget_corrections()
+            forget_kept_work()
         with PeakMemory(torch.device(device)) as memory:
             start = time.perf_counter()
             result = run()
