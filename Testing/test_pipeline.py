@@ -98,7 +98,7 @@ def test_known_rigid_motion_is_recovered_through_oblique_anisotropic_geometry(ph
     assert np.abs(reread - mapped).max() < 0.5  # the written transform is the one used
     total = sitk.DisplacementFieldTransform(sitk.ReadImage(str(paths["total_displacement"]), sitk.sitkVectorFloat64))
     via_total = np.array([total.TransformPoint(tuple(p)) for p in probes])
-    assert np.abs(via_total - mapped).max() < 0.5
+    assert np.abs(via_total - mapped).max() < 0.01  # mm: the same map, the field rounded to 1/256 mm when written
     warped = sitk.ReadImage(str(paths["warped_ct"]))
     assert Geometry_equal(warped, mr)
     resampled = sitk.Resample(
