@@ -659,7 +659,7 @@ def _values_at(volume: torch.Tensor, voxels: torch.Tensor) -> torch.Tensor:
 
 def _base_displacement(velocity: torch.Tensor, integration_steps: int) -> torch.Tensor | None:
     """The map of the start's ``velocity`` ``(1, 3, d, h, w)`` (voxels): ``None`` for a zero velocity, without
-    integrating."""
+    integrating; a previous result's map when a correction starts from its velocity (:func:`.warp.map_of_velocity`)."""
     return map_of_velocity(velocity, integration_steps) if bool(velocity.any()) else None
 
 
