@@ -22,9 +22,16 @@ ProgressCallback = Callable[[float, str], None]
 
 
 def write_outputs(
-    result: RegistrationResult, out_dir: str | os.PathLike, progress: ProgressCallback | None = None
+    result: RegistrationResult,
+    out_dir: str | os.PathLike,
+    progress: ProgressCallback | None = None,
+    qa_picture: bool = True,
 ) -> dict[str, Path]:
     """Write every output into ``out_dir``; files appear only once all are written (a failure leaves none).
+
+    Args:
+        qa_picture: Also draw ``qa.png``. Without it a command on 2 cores ends about 0.2 s sooner (the picture's 0.7 s
+            of CPU overlap the image files' compression).
 
     Returns:
         Output name -> path.
@@ -49,8 +56,9 @@ def write_outputs(
         "vertebrae_csv": "vertebrae.csv",
         "vertebrae_json": "vertebrae.json",
         "summary": "summary.json",
-        "qa": "qa.png",
     }
+    if qa_picture:
+        names["qa"] = "qa.png"
     try:
         with ThreadPoolExecutor(max_workers=WRITERS) as pool:
             # ITK compresses and writes without holding the GIL: the images go out while the QA figure is drawn.
@@ -58,7 +66,8 @@ def write_outputs(
                 names["mr_vertebrae"] = "mr_vertebrae_predicted.nii.gz"
             jobs = [pool.submit(_write_image, result, key, staging / names[key]) for key in _IMAGES if key in names]
             _write_tables(result, staging, names)
-            save_qa_figure(result, staging / names["qa"], fixed=result.fixed)
+            if qa_picture:
+                save_qa_figure(result, staging / names["qa"], fixed=result.fixed)
             for job in jobs:
                 job.result()
         paths = {}

@@ -111,6 +111,18 @@ def test_register_writes_every_output_and_the_tools_read_them(case, tmp_path, ca
     assert stats["folding_voxels"] == 0 and stats["det_min"] > 0
 
 
+def test_no_qa_picture_writes_every_other_output(case, tmp_path, capsys):
+    """A batch run without the picture: the same files but qa.png, and the last line does not point at it."""
+    assert run_register(case, tmp_path / "with", "--vertebra-steps", "0") == 0
+    capsys.readouterr()
+    assert run_register(case, tmp_path / "without", "--vertebra-steps", "0", "--no-qa-picture") == 0
+    printed = capsys.readouterr().out
+    written = {p.name for p in (tmp_path / "with").iterdir()}
+    assert "qa.png" in written
+    assert {p.name for p in (tmp_path / "without").iterdir()} == written - {"qa.png"}
+    assert "QA picture" not in printed and "transform.h5" in printed
+
+
 def test_vertebra_weight_accepts_names_and_rejects_unknown(case, tmp_path, capsys):
     assert run_register(case, tmp_path / "a", "--vertebra-weight", "L1=0") == 0
     assert run_register(case, tmp_path / "b", "--vertebra-weight", "C3=2") == 2

@@ -122,6 +122,11 @@ def _add_vertebra_arguments(options: argparse._ArgumentGroup) -> None:
         help="register the MR's intensities as they are, without dividing out its bias field (coil shading)",
     )
     options.add_argument(
+        "--no-qa-picture",
+        action="store_true",
+        help="do not draw qa.png (batch runs; every other output is written)",
+    )
+    options.add_argument(
         "--prealign-from-bone",
         action="store_true",
         help="without MR points, pre-align onto the MR's predicted vertebrae instead of the intensity search "
@@ -202,7 +207,7 @@ def _run(args: argparse.Namespace) -> int:
             point_pairs=point_pairs,
             progress=progress,
         )
-        outputs = write_outputs(result, args.out)
+        outputs = write_outputs(result, args.out, qa_picture=not args.no_qa_picture)
     print(format_table(result.vertebrae))
     s = result.summary
     print(
@@ -217,8 +222,9 @@ def _run(args: argparse.Namespace) -> int:
             "the 'on MR bone' column: each vertebra's share on it)"
         )
     print("timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items()))
+    picture = f"QA picture: {outputs['qa']}; " if "qa" in outputs else ""
     print(
-        f"outputs in {args.out}/ (QA picture: {outputs['qa']}; transform for Slicer/ITK: {outputs['transform']}; "
+        f"outputs in {args.out}/ ({picture}transform for Slicer/ITK: {outputs['transform']}; "
         f"its inverse, CT -> MR points: {outputs['inverse_transform']})"
     )
     return 0
