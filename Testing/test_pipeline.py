@@ -295,6 +295,20 @@ def test_a_correction_reuses_the_map_of_the_result_it_corrects_and_ends_as_witho
     assert torch.equal(kept.velocity, again.velocity)
 
 
+def test_forget_kept_work_empties_every_cache_a_run_keeps():
+    """What a benchmark calls before timing a first registration: the MR's segmentation and bias correction and the
+    kept maps all go."""
+    from SpineRigidRegLib import bias_field
+    from SpineRigidRegLib.segmentation import stage
+
+    stage._PREDICTIONS["mr"] = (None, sitk.Image(2, 2, 2, sitk.sitkUInt8))
+    bias_field._CORRECTED["mr"] = sitk.Image(2, 2, 2, sitk.sitkFloat32)
+    warp_module.displacement_from_velocity(torch.zeros(1, 3, 4, 4, 4), 3, (4, 4, 4))
+    assert stage._PREDICTIONS and bias_field._CORRECTED and warp_module._KEPT_MAPS
+    pipeline.forget_kept_work()
+    assert not stage._PREDICTIONS and not bias_field._CORRECTED and not warp_module._KEPT_MAPS
+
+
 def test_progress_is_monotonic_and_cancel_raises(phantom, network):
     mr = oblique_mr(phantom, sitk.Euler3DTransform())
     fractions = []

@@ -327,3 +327,12 @@ def test_the_step_size_falls_from_the_rate_to_its_final_share():
         assert step_size(step, 60, 0.4, 0.1) == 0.4 * (0.1 + 0.45 * (1.0 + math.cos(math.pi * step / 60)))
     with pytest.raises(InputError, match="final_step_share"):
         VertebraRigidSettings(final_step_share=1.5)
+
+
+def test_sample_indices_unravel_like_torch_on_a_grid_with_three_different_sizes():
+    """The samples' grid positions (:func:`polyrigid._unravel`, torch's own imports sympy on its first call)."""
+    from SpineRigidRegLib.polyrigid import _unravel
+
+    shape = (5, 7, 11)
+    index = torch.randperm(5 * 7 * 11, generator=torch.Generator().manual_seed(0))[:200]
+    assert torch.equal(_unravel(index, shape), torch.stack(torch.unravel_index(index, shape), dim=1).float())
