@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from SpineRigidRegLib.errors import InputError
-from SpineRigidRegLib.network import NetworkConfig, RegistrationNet, with_fast_layout
+from SpineRigidRegLib.inference import with_fast_layout
+from SpineRigidRegLib.network import NetworkConfig, RegistrationNet
 from SpineRigidRegLib.pipeline import network_velocity
 from SpineRigidRegLib.processing import ProcessingPair
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from SpineRigidRegLib import pipeline, polyrigid
+from SpineRigidRegLib import inference, pipeline, polyrigid
 from SpineRigidRegLib import warp as warp_module
 from SpineRigidRegLib.data.phantom import make_phantom
 from SpineRigidRegLib.errors import CancelledError, InputError
@@ -178,6 +178,23 @@ def test_result_reports_rigidity_per_vertebra_and_dice_with_mr_labels(phantom, n
         assert np.allclose(matrix[:3, :3] @ matrix[:3, :3].T, np.eye(3), atol=1e-6)
     assert result.summary["folding_voxels"] == 0
     assert {"bias_field", "prealign", "preprocess", "network", "refinement", "total"} <= set(result.timings)
+
+
+def test_the_summary_says_in_which_arithmetic_the_networks_ran(phantom, network, monkeypatch):
+    """``network_precision`` reaches the network stage: float32 is the float32 velocity, bfloat16 differs from it
+    (here forced on any CPU; "auto" picks it only on a CPU with AMX) and is recorded as such."""
+    monkeypatch.setattr(inference, "native_bfloat16", lambda device: True)
+    mr = oblique_mr(phantom, sitk.Euler3DTransform())
+    runs = {
+        precision: pipeline.register(
+            mr, phantom.ct, phantom.labels, settings=replace(FAST, network_precision=precision), network=network
+        )
+        for precision in ("float32", "auto")
+    }
+    assert runs["float32"].summary["network_arithmetic"] == "float32"
+    assert runs["auto"].summary["network_arithmetic"] == "bfloat16"
+    assert runs["auto"].velocity.dtype == torch.float32
+    assert not torch.equal(runs["auto"].velocity, runs["float32"].velocity)
 
 
 @pytest.mark.parametrize("correct", [True, False])
@@ -450,7 +467,7 @@ def test_a_label_guided_network_gets_the_predicted_mr_bone_on_its_grid(phantom, 
     output turned off; without a segmentation model it gets an empty input (the one it was trained to ignore)."""
     mr = sitk.Cast(phantom.ct, sitk.sitkFloat32)
     known = sitk.Cast(phantom.labels > 0, sitk.sitkFloat32)
-    monkeypatch.setattr(pipeline, "predict_mr_bone", lambda fixed, device: known)
+    monkeypatch.setattr(pipeline, "predict_mr_bone", lambda fixed, device, precision: known)
     torch.manual_seed(0)
     spy = _Spy(replace(TINY, use_fixed_bone=True)).eval()
     off = replace(FAST, mr_segmentation=False)
@@ -460,7 +477,7 @@ def test_a_label_guided_network_gets_the_predicted_mr_bone_on_its_grid(phantom, 
     # The MR here is the CT itself, pre-aligned by the identity: the bone input lies on the CT vertebrae.
     bone, vertebrae = spy.seen_bone > 0.5, spy.seen_labels > 0
     assert 2 * float((bone & vertebrae).sum()) / float(bone.sum() + vertebrae.sum()) > 0.95
-    monkeypatch.setattr(pipeline, "predict_mr_bone", lambda fixed, device: None)
+    monkeypatch.setattr(pipeline, "predict_mr_bone", lambda fixed, device, precision: None)
     pipeline.register(mr, phantom.ct, phantom.labels, settings=off, network=spy)
     assert float(spy.seen_bone.abs().max()) == 0.0
 

@@ -24,6 +24,7 @@ import torch
 from SpineRigidRegLib.benchmark.report import machine_info
 from SpineRigidRegLib.checkpoint import resources_dir
 from SpineRigidRegLib.cli.register import SAMPLE_FILES
+from SpineRigidRegLib.inference import network_arithmetic_name
 from SpineRigidRegLib.io import read_image, read_landmarks
 from SpineRigidRegLib.pipeline import RegistrationSettings, forget_kept_work, register, write_outputs
 
@@ -122,7 +123,8 @@ def _render(rows: dict, profiles: dict, walls: dict, args: argparse.Namespace) -
         "# Speed profile of `srr-register` on the sample case (issue 16)",
         "",
         f"`scripts/speed_profile.py --threads {args.threads} --repeats {args.repeats}` on "
-        f"{info.get('cpu', 'this machine')}, {args.threads} torch/ITK threads, {info['date_utc']}; the bundled "
+        f"{info.get('cpu', 'this machine')}, {args.threads} torch/ITK threads, the networks in "
+        f"{network_arithmetic_name('cpu', RegistrationSettings().network_precision)}, {info['date_utc']}; the bundled "
         "sample case (real CT, clinical-style sagittal T2 MR, 3 vertebrae), default settings, in-process after a "
         "warm-up (imports excluded).",
         "",

@@ -159,6 +159,7 @@ def update_settings(
     mr_segmentation: bool | None = None,
     bone_prealign: bool | None = None,
     bias_correction: bool | None = None,
+    network_precision: str | None = None,
 ):
     """``settings`` with explicit choices applied (``None`` leaves a value alone); the last step of
     :func:`make_settings`, and how the Slicer Logic's corrections change a result's settings.
@@ -172,7 +173,8 @@ def update_settings(
         rigidity: Refinement weights of the rigidity terms (:data:`RIGIDITY_TERMS`), replacing the preset's.
         vertebra_weights: Label -> multiplier of the rigidity terms (0 excludes a vertebra; 1 is left out); see
             :func:`label_weights` to get it from vertebra names.
-        mr_segmentation, bone_prealign, bias_correction: See :class:`~.pipeline.RegistrationSettings`.
+        mr_segmentation, bone_prealign, bias_correction, network_precision: See
+            :class:`~.pipeline.RegistrationSettings`.
 
     Raises:
         InputError: An unknown rigidity term or a value out of range.
@@ -195,6 +197,7 @@ def update_settings(
         "mr_segmentation": mr_segmentation,
         "bone_prealign": bone_prealign,
         "bias_correction": bias_correction,
+        "network_precision": network_precision,
     }
     settings = apply_settings(settings, {k: v for k, v in explicit.items() if v is not None})
     if vertebra_weights is not None:

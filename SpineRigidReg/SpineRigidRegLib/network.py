@@ -210,16 +210,6 @@ class RegistrationNet(nn.Module):
         return torch.cat(parts, dim=1)
 
 
-def with_fast_layout(network: RegistrationNet) -> RegistrationNet:
-    """``network`` (changed in place) with its weights in the channels-last layout (NDHWC) when it is on a CPU:
-    oneDNN's 3D convolutions run faster on it (the README's speed lines give the measurement), and the velocity
-    differs from the standard layout's only by the order of the sums. Its outputs come out channels-last too. On a
-    GPU the layout is left as it is (not measured there)."""
-    if next(network.parameters()).device.type == "cpu":
-        network.to(memory_format=torch.channels_last_3d)
-    return network
-
-
 def _pairs(channels: int, config: NetworkConfig) -> list[tuple[int, int]]:
     widths = [channels, *config.final_channels]
     return list(zip(widths[:-1], widths[1:]))

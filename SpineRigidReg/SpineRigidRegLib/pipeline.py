@@ -36,9 +36,10 @@ from .checkpoint import card_sha256, load_bundled_network, load_network, select_
 from .data.vertebrae import label_names
 from .errors import CancelledError
 from .geometry import Geometry, displacement_field_image, image_to_tensor, tensor_to_image
+from .inference import network_arithmetic, network_arithmetic_name, with_fast_layout
 from .inputs import crop_to_spine, finite_copy, validate_image, validate_intensity_image, validate_labels
 from .jacobian import determinant, jacobian_matrix
-from .network import RegistrationNet, with_fast_layout
+from .network import RegistrationNet
 from .outputs import write_outputs
 from .polyrigid import refine_vertebrae_rigidly
 from .prealign import Prealignment, prealign
@@ -115,7 +116,10 @@ def register_prealigned(
     pair = pair.to(device)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    velocity = network_velocity(pair, network) if initial_velocity is None else initial_velocity.to(device)
+    if initial_velocity is None:
+        velocity = network_velocity(pair, network, settings.network_precision)
+    else:
+        velocity = initial_velocity.to(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     timings["network"] = time.perf_counter() - start
@@ -168,21 +172,22 @@ def _pointed_only(pair: ProcessingPair, weights: Mapping[int, float] | None) -> 
     return chosen if any(w > 0 for w in chosen.values()) else {}
 
 
-def network_velocity(pair: ProcessingPair, network: RegistrationNet) -> torch.Tensor:
-    """The network's velocity ``(1, 3, d, h, w)`` for ``pair`` (on the network's device); a label-guided network
-    without a bone probability gets an empty one, the input it was trained to fall back from."""
+def network_velocity(pair: ProcessingPair, network: RegistrationNet, precision: str = "float32") -> torch.Tensor:
+    """The network's velocity ``(1, 3, d, h, w)`` float32 for ``pair`` (on the network's device), computed in
+    ``precision`` (:func:`.inference.network_arithmetic`); a label-guided network without a bone probability gets
+    an empty one, the input it was trained to fall back from."""
     fixed_bone = pair.fixed_bone
     if network.config.use_fixed_bone and fixed_bone is None:
         log.warning("the network takes the MR's predicted bone, and there is none: it runs on the images alone")
         fixed_bone = torch.zeros_like(pair.fixed)
-    with torch.inference_mode():
+    with network_arithmetic(pair.fixed.device, precision):
         velocity = network.velocity(pair.fixed, pair.moving, pair.moving_labels, fixed_bone)
-        return velocity.clone(memory_format=torch.contiguous_format)
+        return velocity.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
 
 
 def resolve_network(settings: RegistrationSettings, network: RegistrationNet | None) -> RegistrationNet:
     """The network to use: the given one, ``settings.model_path``, or the bundled model, on the chosen device (a
-    loaded one in the faster layout, :func:`.network.with_fast_layout`)."""
+    loaded one in the faster layout, :func:`.inference.with_fast_layout`)."""
     device = select_device(settings.device)
     if network is not None:
         return network.to(device).eval()
@@ -358,7 +363,7 @@ def find_mr_bone(
     segmentation or the registration network takes it as an input; ``None`` otherwise or without a model."""
     if not (settings.mr_segmentation or network.config.use_fixed_bone):
         return None
-    return predict_mr_bone(fixed, device)
+    return predict_mr_bone(fixed, device, settings.network_precision)
 
 
 def prealign_stage(
@@ -498,6 +503,7 @@ def assemble_result(
         "prealign_residual_mm": pre.residual_mm,
         "mr_bias_corrected": settings.bias_correction,
         "device": str(next(network.parameters()).device),
+        "network_arithmetic": network_arithmetic_name(next(network.parameters()).device, settings.network_precision),
         "model": asdict(network.config) | {"path": settings.model_path or "bundled"},
         "vertebra_rigid_steps": settings.vertebra_rigid.steps if started_from == "network" else 0,
         "refine_steps": settings.refine_steps,

@@ -99,3 +99,30 @@ def test_the_report_says_how_each_figure_was_timed():
                "speedup_vs_elastix": 10.0}  # fmt: skip
     assert "one run after a warm-up" in "\n".join(report._speed_section(figures, "."))
     assert "the fastest of 3 runs" in "\n".join(report._speed_section(figures | {"repeats": 3}, "."))
+
+
+def test_where_the_networks_ran_in_bfloat16_the_sample_case_is_also_timed_in_float32(monkeypatch):
+    """The float32 row is what a CPU without bfloat16 units runs; the correction still corrects the pointed run."""
+    monkeypatch.setattr(pipeline, "forget_kept_work", lambda: None)
+    landmarks = {"L1": np.zeros(3)}
+    monkeypatch.setattr(
+        speed,
+        "_sample_inputs",
+        lambda: {"fixed": 1, "moving": 2, "moving_labels": 3, "fixed_landmarks": landmarks, "moving_landmarks": {}},
+    )
+    calls = []
+
+    def register(*images, precision=None, **kwargs):
+        calls.append((precision, kwargs))
+        result = type("Result", (), {"timings": {"outputs": 1.0, "total": 2.0}, "transform": sitk.Transform()})
+        result.velocity = len(calls)  # which run made it
+        return result
+
+    rows = speed.sample_scenarios(register, "cpu", float32_row=True)
+    assert [r["key"] for r in rows] == ["sample_no_points", "sample_no_points_float32", "sample_points", "correction"]
+    assert ("float32", {}) in calls and all(p is None for p, kwargs in calls if kwargs)
+    assert calls[-1][1]["initial_velocity"] == rows[2]["result"].velocity  # corrects the pointed run
+    figures = {"input_shape": [8, 8, 8], "processing_grid": [8, 8, 8], "device": "cpu", "threads": 2, "weights": "w",
+               "pipeline_s": 6.0, "stages_s": {}, "elastix_s": 60.0, "speedup_vs_elastix": 10.0,
+               "network_arithmetic": "bfloat16"}  # fmt: skip
+    assert "the networks' arithmetic in bfloat16" in "\n".join(report._speed_section(figures, "."))

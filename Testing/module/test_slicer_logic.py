@@ -332,7 +332,7 @@ def test_composite_transform_node_maps_points_as_the_core_field_says(tmp_path):
 # ------------------------------------------------------------------------------------------ whole workflow
 
 
-def _known_mr_vertebrae(fixed: sitk.Image, device) -> sitk.Image:
+def _known_mr_vertebrae(fixed: sitk.Image, device, precision) -> sitk.Image:
     """A stand-in for the segmentation network: a known block, so the output node's voxels can be checked."""
     array = np.zeros(sitk.GetArrayViewFromImage(fixed).shape, np.uint8)
     array[3:9, 4:12, 5:15] = 1

@@ -155,7 +155,7 @@ def test_prediction_lies_on_the_mrs_own_grid_and_is_zero_outside_its_data():
 def test_the_same_mr_is_segmented_once_and_each_caller_gets_its_own_copy(monkeypatch):
     calls = []
 
-    def predict(image, network, device):
+    def predict(image, network, device, precision="float32"):
         calls.append(1)
         return sitk.Image(image.GetSize(), sitk.sitkFloat32) + float(len(calls))
 
@@ -175,6 +175,9 @@ def test_the_same_mr_is_segmented_once_and_each_caller_gets_its_own_copy(monkeyp
     stage.forget_predictions()  # what the benchmarks do before timing a first registration
     stage.predict_mr_bone(mr)
     assert len(calls) == 3
+    monkeypatch.setattr(stage, "uses_bfloat16", lambda device, precision: precision == "auto")
+    stage.predict_mr_bone(mr, precision="auto")  # another arithmetic: not the float32 prediction
+    assert len(calls) == 4
 
 
 def test_bundled_model_finds_the_vertebrae_of_the_real_mr_it_never_saw(shared_data):

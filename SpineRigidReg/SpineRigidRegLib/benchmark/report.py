@@ -457,7 +457,8 @@ def _speed_section(speed: Mapping, rel: str) -> list[str]:
         "Whole `srr-register` pipeline with its default settings (network + vertebra-wise rigid alignment, no "
         f"dense refinement) on a {' x '.join(str(s) for s in speed['input_shape'])} "
         f"(D, H, W) 1 mm phantom crop (processing grid {' x '.join(str(s) for s in speed['processing_grid'])}), "
-        f"device {speed['device']} ({speed.get('threads')} torch threads), {speed.get('weights')}; {_runs(speed)}.",
+        f"device {speed['device']} ({speed.get('threads')} torch threads, the networks' arithmetic in "
+        f"{speed.get('network_arithmetic', 'float32')}), {speed.get('weights')}; {_runs(speed)}.",
         "",
         "| quantity | value |",
         "|---|---|",

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ import torch
 
 from ..baselines.elastix import ElastixSettings, is_available, register_elastix
 from ..choices import make_settings
+from ..inference import network_arithmetic_name
 from .runner import PeakMemory, bundled_model_available, named_centroids
 
 ProgressCallback = Callable[[float, str], None]
@@ -132,8 +134,11 @@ def _sample_inputs() -> dict:
     }
 
 
-def sample_scenarios(register: Callable, device: str, repeats: int = 1) -> list[dict]:
-    """The sample case with and without MR points, and a correction re-run from the pointed result."""
+def sample_scenarios(register: Callable, device: str, repeats: int = 1, float32_row: bool = False) -> list[dict]:
+    """The sample case with and without MR points, and a correction re-run from the pointed result.
+
+    ``float32_row``: also without points with the networks in float32 (``register(..., precision="float32")``),
+    what a CPU without bfloat16 units runs, when the other rows ran them in bfloat16."""
     data = _sample_inputs()
     images = (data["fixed"], data["moving"], data["moving_labels"])
     points = {"fixed_landmarks": data["fixed_landmarks"], "moving_landmarks": data["moving_landmarks"]}
@@ -142,11 +147,20 @@ def sample_scenarios(register: Callable, device: str, repeats: int = 1) -> list[
         timed_registration(
             "sample case, no points", "sample_no_points", lambda: register(*images), device, repeats=repeats
         ),
+    ]
+    if float32_row:
+        register(*images, precision="float32")  # warm-up of the float32 kernels
+        name = "sample case, no points, networks in float32 (a CPU without bfloat16 units)"
+        float32 = timed_registration(
+            name, "sample_no_points_float32", lambda: register(*images, precision="float32"), device, repeats=repeats
+        )
+        rows.append(float32)
+    rows += [
         timed_registration(
             "sample case, MR points", "sample_points", lambda: register(*images, **points), device, repeats=repeats
         ),
     ]
-    first = rows[1]["result"]
+    first = rows[-1]["result"]
     mr = np.asarray(next(iter(data["fixed_landmarks"].values())), dtype=float)
     ct = np.asarray(first.transform.TransformPoint(tuple(mr))) + np.array([1.0, 0.0, 0.0])  # the user moves it 1 mm
     correction = {"initial_velocity": first.velocity, "point_pairs": [(ct, mr)], **points}
@@ -284,18 +298,22 @@ def speed_benchmark(
     torch_device = next(network.parameters()).device
     settings = make_settings(device=str(torch_device), refine_steps=0)
 
-    def run(*images, **kwargs):
-        return register(*images, settings=settings, network=network, **kwargs)
+    def run(*images, precision: str | None = None, **kwargs):
+        chosen = settings if precision is None else replace(settings, network_precision=precision)
+        return register(*images, settings=chosen, network=network, **kwargs)
 
     report(0.0, "speed: phantom pair and a 512 x 512 x 400 CT")
     rows, phantom_images = phantom_scenarios(run, str(torch_device), shape, seed, repeats)
     report(0.3, "speed: sample case")
-    rows += sample_scenarios(run, str(torch_device), repeats) if bundled_model_available() else []
+    if bundled_model_available():
+        arithmetic = network_arithmetic_name(torch_device, settings.network_precision)
+        rows += sample_scenarios(run, str(torch_device), repeats, float32_row=arithmetic != "float32")
     report(0.5, "speed: clinical case")
     rows += clinical_scenario(run, str(torch_device), shared_data, repeats)
     out: dict = {
         "device": str(torch_device),
         "threads": torch.get_num_threads(),
+        "network_arithmetic": network_arithmetic_name(torch_device, settings.network_precision),
         "repeats": repeats,
         "weights": weights,
         "scenarios": [

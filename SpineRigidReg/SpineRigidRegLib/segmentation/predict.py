@@ -18,6 +18,7 @@ import torch
 from ..checkpoint import load_weights, read_checkpoint, resources_dir
 from ..errors import InputError
 from ..geometry import Geometry, image_to_tensor
+from ..inference import network_arithmetic
 from ..preprocess import field_of_view, normalize_intensity, pad_to_multiple, resample_to_reference
 from .grid import WORKING_SPACING_MM, canonical_geometry
 from .net import SEGMENTATION_FORMAT, SegmentationConfig, SegmentationNet
@@ -84,6 +85,7 @@ def predict_bone(
     network: SegmentationNet,
     device: torch.device | str = "cpu",
     spacing_mm: float = WORKING_SPACING_MM,
+    precision: str = "float32",
 ) -> sitk.Image:
     """Probability of vertebral bone at every voxel of ``mr``.
 
@@ -92,6 +94,7 @@ def predict_bone(
         network: A :class:`SegmentationNet` (eval mode).
         device: Where the network runs.
         spacing_mm: The network's working voxel size (coarser for fields of view over :data:`MAX_WORKING_VOXELS`).
+        precision: The network's arithmetic (:func:`..inference.network_arithmetic`).
 
     Returns:
         float32 probabilities in [0, 1] on ``mr``'s grid (0 where the MR has no data).
@@ -105,7 +108,7 @@ def predict_bone(
     image = image_to_tensor(on_grid)
     image = normalize_intensity(image, mask=inside) * inside
     padded, crop_pad = pad_to_multiple(image, network.config.required_multiple)
-    with torch.inference_mode():
+    with network_arithmetic(device, precision):
         logits = network(padded.to(device)).float().cpu()
     probability = torch.sigmoid(crop_pad.invert(logits)) * inside
     canonical = sitk.GetImageFromArray(probability[0, 0].numpy().astype(np.float32))

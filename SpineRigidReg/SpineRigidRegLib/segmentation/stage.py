@@ -16,6 +16,7 @@ import SimpleITK as sitk
 import torch
 
 from ..errors import InputError
+from ..inference import uses_bfloat16, with_fast_layout
 from ..inputs import image_digest
 from ..metrics import share_on_mask_percent
 from .predict import bundled_card, load_bundled_segmentation, predict_bone
@@ -25,12 +26,15 @@ logger = logging.getLogger(__name__)
 
 @lru_cache(maxsize=2)
 def _bundled(device: str):
-    return load_bundled_segmentation(device)
+    return with_fast_layout(load_bundled_segmentation(device))
 
 
-def predict_mr_bone(fixed: sitk.Image, device: torch.device | str = "cpu") -> sitk.Image | None:
+def predict_mr_bone(
+    fixed: sitk.Image, device: torch.device | str = "cpu", precision: str = "float32"
+) -> sitk.Image | None:
     """float32 vertebral-bone probability on ``fixed``'s grid from the bundled network (bone where it exceeds
-    :data:`BONE_THRESHOLD`), or ``None`` when this installation has no segmentation model (logged)."""
+    :data:`BONE_THRESHOLD`), or ``None`` when this installation has no segmentation model (logged).
+    ``precision``: the network's arithmetic (:data:`..inference.PRECISIONS`)."""
     if bundled_card() is None:
         logger.info("no bundled MR segmentation model: the MR vertebrae are not predicted")
         return None
@@ -39,10 +43,10 @@ def predict_mr_bone(fixed: sitk.Image, device: torch.device | str = "cpu") -> si
     except InputError as error:
         logger.warning("MR segmentation skipped: %s", error)
         return None
-    key = (image_digest(fixed), str(device))
+    key = (image_digest(fixed), str(device), uses_bfloat16(device, precision))
     cached = _PREDICTIONS.get(key)
     if cached is None or cached[0] is not network:
-        cached = _PREDICTIONS[key] = (network, predict_bone(fixed, network, device))
+        cached = _PREDICTIONS[key] = (network, predict_bone(fixed, network, device, precision=precision))
         while len(_PREDICTIONS) > _CACHED_PREDICTIONS:
             _PREDICTIONS.popitem(last=False)
     return sitk.Image(cached[1])  # a copy: the caller may change its own

@@ -1,0 +1,66 @@
+"""How the bundled networks run for inference: their weights' memory layout and the arithmetic's precision.
+
+One owner for both, used by the registration network's stage (:func:`..pipeline.network_velocity`) and the MR
+segmentation (:func:`.segmentation.predict.predict_bone`). Training never goes through here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from .errors import InputError
+
+#: Choices of ``RegistrationSettings.network_precision``: ``"auto"`` runs the networks' convolutions in bfloat16
+#: where the CPU has bfloat16 matrix units (:func:`native_bfloat16`), float32 elsewhere; ``"float32"`` always.
+PRECISIONS = ("auto", "float32")
+
+
+def check_precision(precision: str) -> str:
+    """``precision`` when it is one of :data:`PRECISIONS`, else a one-line :class:`InputError`."""
+    if precision not in PRECISIONS:
+        raise InputError(f"network precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+def native_bfloat16(device: torch.device | str) -> bool:
+    """True on a CPU with Intel AMX tiles and oneDNN: its bfloat16 3D convolutions run about twice as fast as
+    float32 (the bundled networks, 2 cores: docs/SPEED_PROFILE.md). False elsewhere: GPUs (not measured) and CPUs
+    without AMX, where bfloat16 may be emulated and slower."""
+    if torch.device(device).type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    has_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(has_amx is not None and has_amx())
+
+
+def uses_bfloat16(device: torch.device | str, precision: str) -> bool:
+    """Whether :func:`network_arithmetic` runs in bfloat16 for ``device`` and ``precision``."""
+    return check_precision(precision) == "auto" and native_bfloat16(device)
+
+
+def network_arithmetic_name(device: torch.device | str, precision: str) -> str:
+    """``"bfloat16"`` or ``"float32"``: what :func:`network_arithmetic` runs in (the summary and reports say it)."""
+    return "bfloat16" if uses_bfloat16(device, precision) else "float32"
+
+
+@contextmanager
+def network_arithmetic(device: torch.device | str, precision: str) -> Iterator[None]:
+    """Inference mode, and autocast to bfloat16 when :func:`uses_bfloat16`: convolutions and matrix products in
+    bfloat16 with float32 accumulation; their outputs come out bfloat16, so a caller casts what it keeps to float32.
+    Measured against float32 (``Testing/test_inference.py``, docs/SPEED_PROFILE.md): the velocity within about 1 %
+    of its size, the MR bone mask the same to a Dice of 0.995 or more."""
+    bfloat16 = uses_bfloat16(device, precision)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
+        yield
+
+
+def with_fast_layout(network: torch.nn.Module) -> torch.nn.Module:
+    """``network`` (changed in place) with its weights in the channels-last layout (NDHWC) when it is on a CPU:
+    oneDNN's 3D convolutions run faster on it (docs/SPEED_PROFILE.md), and its outputs differ from the standard
+    layout's only by the order of the sums. Its outputs come out channels-last too. On a GPU the layout is left as
+    it is (not measured there)."""
+    if next(network.parameters()).device.type == "cpu":
+        network.to(memory_format=torch.channels_last_3d)
+    return network

@@ -1,0 +1,67 @@
+"""How the networks run for inference: the precision choice, and bfloat16 close to float32 where it is used."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from SpineRigidRegLib import inference
+from SpineRigidRegLib.checkpoint import resources_dir
+from SpineRigidRegLib.errors import InputError
+from SpineRigidRegLib.network import NetworkConfig, RegistrationNet
+from SpineRigidRegLib.pipeline import RegistrationSettings, network_velocity
+from SpineRigidRegLib.processing import ProcessingPair
+from SpineRigidRegLib.segmentation.predict import BONE_THRESHOLD, load_bundled_segmentation, predict_bone
+
+SMALL = {"encoder_channels": (8, 8, 16, 16), "decoder_channels": (16, 16, 16, 16), "final_channels": (8, 8)}
+
+
+@pytest.fixture
+def bfloat16_cpu(monkeypatch):
+    """Run "auto" in bfloat16 on any CPU (slower without AMX, the same arithmetic): the tests hold on every machine."""
+    monkeypatch.setattr(inference, "native_bfloat16", lambda device: torch.device(device).type == "cpu")
+
+
+def test_an_unknown_precision_is_refused_in_one_line():
+    with pytest.raises(InputError, match="network precision must be one of auto, float32, got 'half'"):
+        RegistrationSettings(network_precision="half")
+    assert RegistrationSettings().network_precision == "auto"
+
+
+def test_auto_is_bfloat16_only_on_a_cpu_with_amx_and_float32_is_float32_everywhere(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert inference.uses_bfloat16("cpu", "auto") and not inference.uses_bfloat16("cpu", "float32")
+    assert not inference.uses_bfloat16("cuda", "auto")  # not measured on GPUs
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert not inference.uses_bfloat16("cpu", "auto")  # bfloat16 may be emulated, and slower, without AMX
+
+
+def _trained_like_network() -> RegistrationNet:
+    """A registration network whose velocity is far from zero (a fresh one starts at the identity)."""
+    torch.manual_seed(0)
+    net = RegistrationNet(NetworkConfig(**SMALL)).eval()
+    torch.nn.init.normal_(net.velocity_head.weight, std=0.05)
+    return inference.with_fast_layout(net)
+
+
+def test_the_bfloat16_velocity_is_float32_and_within_3_percent_of_the_float32_one(bfloat16_cpu):
+    net = _trained_like_network()
+    gen = torch.Generator().manual_seed(1)
+    fixed, moving = torch.rand(1, 1, 32, 32, 48, generator=gen), torch.rand(1, 1, 32, 32, 48, generator=gen)
+    labels = (torch.rand(1, 1, 32, 32, 48, generator=gen) > 0.7).long() * 21
+    pair = ProcessingPair(fixed, moving, labels, (1.0, 1.0, 1.0))
+    exact = network_velocity(pair, net, "float32")
+    fast = network_velocity(pair, net, "auto")
+    assert fast.dtype == torch.float32 and fast.is_contiguous()  # what the stages after the network expect
+    assert float(exact.abs().max()) > 0.1 and not torch.equal(fast, exact)  # bfloat16 did run
+    assert float((fast - exact).norm() / exact.norm()) < 0.03
+
+
+def test_the_bundled_mr_segmentation_finds_the_same_bone_in_bfloat16(bfloat16_cpu):
+    mr = sitk.ReadImage(str(resources_dir() / "SampleData" / "mr.nii.gz"))
+    network = inference.with_fast_layout(load_bundled_segmentation())
+    exact = sitk.GetArrayFromImage(predict_bone(mr, network, precision="float32")) > BONE_THRESHOLD
+    fast = sitk.GetArrayFromImage(predict_bone(mr, network, precision="auto")) > BONE_THRESHOLD
+    assert exact.sum() > 1000
+    assert 2.0 * np.count_nonzero(exact & fast) / (exact.sum() + fast.sum()) > 0.99
