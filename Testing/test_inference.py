@@ -65,3 +65,14 @@ def test_the_bundled_mr_segmentation_finds_the_same_bone_in_bfloat16(bfloat16_cp
     fast = sitk.GetArrayFromImage(predict_bone(mr, network, precision="auto")) > BONE_THRESHOLD
     assert exact.sum() > 1000
     assert 2.0 * np.count_nonzero(exact & fast) / (exact.sum() + fast.sum()) > 0.99
+
+
+def test_pooling_under_bfloat16_autocast_stays_in_bfloat16_and_exact():
+    x = torch.randn(1, 4, 8, 8, 8).to(torch.bfloat16)
+    with inference.network_arithmetic("cpu", "float32"), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.nn.functional.max_pool3d(x, 2).dtype == torch.float32  # what autocast alone does
+        pooled = inference.exact_in_own_dtype(torch.nn.functional.max_pool3d, x, 2)
+        grown = inference.exact_in_own_dtype(torch.nn.functional.interpolate, x, scale_factor=2.0, mode="nearest")
+    assert pooled.dtype == grown.dtype == torch.bfloat16
+    assert torch.equal(pooled.float(), torch.nn.functional.max_pool3d(x.float(), 2))
+    assert torch.equal(grown.float(), torch.nn.functional.interpolate(x.float(), scale_factor=2.0, mode="nearest"))

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import InputError
+from .inference import exact_in_own_dtype
 from .validation import check_same_spatial_shape, check_tensor
 from .warp import DEFAULT_INTEGRATION_STEPS, integrate_velocity, resize_displacement
 
@@ -167,11 +168,11 @@ class RegistrationNet(nn.Module):
         for block in self.encoder:
             x = block(x)
             skips.append(x)
-            x = F.max_pool3d(x, 2)
+            x = exact_in_own_dtype(F.max_pool3d, x, 2)
         for level, block in enumerate(self.decoder):
             x = block(x)
             if level < self.levels:
-                x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+                x = exact_in_own_dtype(F.interpolate, x, scale_factor=2.0, mode="nearest")
                 x = torch.cat([x, skips[-1 - level]], dim=1)
         return self.velocity_head(self.final(x))
 
