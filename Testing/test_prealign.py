@@ -29,6 +29,21 @@ def test_the_metric_value_is_the_same_without_gradient_filters(monkeypatch):
     assert prealign._mutual_information(mr, ct, transform, moving_mask=mask) == without
 
 
+def test_candidates_are_compared_on_mr_voxels_about_2_mm_apart_and_the_truth_still_wins():
+    clinical = sitk.Image([64, 64, 12], sitk.sitkFloat32)
+    clinical.SetSpacing((0.64, 0.64, 3.9))
+    assert prealign._evaluation_factors(clinical) == [3, 3, 1]
+    mr, ct, labels = _pair(shift=(2.0, -1.5, 1.0))  # 1 mm phantom: every other voxel along each axis
+    assert prealign._evaluation_factors(mr) == [2, 2, 2]
+    mask = sitk.BinaryDilate(sitk.Cast(labels > 0, sitk.sitkUInt8), [4, 4, 4])
+    fixed_mask = sitk.Resample(mask, mr, sitk.TranslationTransform(3, (2.0, -1.5, 1.0)), sitk.sitkNearestNeighbor)
+    for offset in ((0.7, 0.0, 0.0), (0.0, 0.0, -0.7)):
+        wrong = sitk.TranslationTransform(3, tuple(np.array((2.0, -1.5, 1.0)) + offset))
+        for masks in ({"moving_mask": mask}, {"fixed_mask": fixed_mask}):
+            truth = prealign._mutual_information(mr, ct, sitk.TranslationTransform(3, (2.0, -1.5, 1.0)), **masks)
+            assert truth < prealign._mutual_information(mr, ct, wrong, **masks)  # lower is better
+
+
 def test_a_ct_beyond_the_voxel_budget_is_still_aligned(monkeypatch):
     shift = np.array([2.0, -1.5, 1.0])
     mr, ct, labels = _pair(tuple(shift))
