@@ -558,7 +558,8 @@ class SpineRigidRegLogic:
         result = self.history[-1].result
         s = result.summary
         text = (
-            f"device {s.get('device')}; pre-alignment: {result.prealign_method}; "
+            f"device {s.get('device')} (networks in {s.get('network_arithmetic', 'float32')}); "
+            f"pre-alignment: {result.prealign_method}; "
             f"folding voxels {s.get('folding_voxels')}; mean rigid DSC {s.get('rigid_dice_mean', float('nan')):.3f}; "
             f"{result.timings.get('total', float('nan')):.1f} s"
         )

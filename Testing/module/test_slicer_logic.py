@@ -359,6 +359,7 @@ def test_run_creates_outputs_whose_transform_matches_the_core_and_leaves_inputs_
     assert result.prealign_method == "landmarks"
     assert logic.resultVertebraNames() == [str(row["name"]) for row in result.vertebrae] != []
     assert logic.resultDevice() == "cpu"
+    assert f"(networks in {result.summary['network_arithmetic']})" in logic.summaryText()
     # The transform node maps MR points where the core's composite (pre-alignment + field) does, on the MR grid.
     transform = scene.GetNodeByID(out.transform).GetTransformFromParent()
     fixed = nodes.volumeToImage(mr)
