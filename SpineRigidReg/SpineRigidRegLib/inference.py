@@ -49,8 +49,9 @@ def network_arithmetic_name(device: torch.device | str, precision: str) -> str:
 def network_arithmetic(device: torch.device | str, precision: str) -> Iterator[None]:
     """Inference mode, and autocast to bfloat16 when :func:`uses_bfloat16`: convolutions and matrix products in
     bfloat16 with float32 accumulation; their outputs come out bfloat16, so a caller casts what it keeps to float32.
-    Measured against float32 (``Testing/test_inference.py``, docs/SPEED_PROFILE.md): the velocity within about 1 %
-    of its size, the MR bone mask the same to a Dice of 0.995 or more."""
+    Measured against float32 (``Testing/test_inference.py``, docs/BENCHMARKS_TIERS.md): a velocity within 1.4 % of
+    float32's (relative norm, a test network far from the identity), the MR bone mask the same to a Dice of 0.995 or
+    more, the registrations as accurate."""
     bfloat16 = uses_bfloat16(device, precision)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
         yield
