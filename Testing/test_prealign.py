@@ -7,9 +7,11 @@ import threading
 from collections import Counter
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 from SpineRigidRegLib import prealign
 from SpineRigidRegLib.data.phantom import make_phantom
+from SpineRigidRegLib.geometry import Geometry
 
 
 def _pair(shift=(2.0, -1.5, 1.0)):
@@ -27,6 +29,22 @@ def test_the_metric_value_is_the_same_without_gradient_filters(monkeypatch):
     without = prealign._mutual_information(mr, ct, transform, moving_mask=mask)
     monkeypatch.setattr(prealign, "_gradients_at_samples", lambda method: None)  # ITK's filters back on
     assert prealign._mutual_information(mr, ct, transform, moving_mask=mask) == without
+
+
+@pytest.mark.parametrize("radius", [[25, 25, 25], [32, 32, 25], [7, 3, 11], [1, 1, 1]])
+def test_the_spine_region_is_itks_ball_dilation_voxel_for_voxel(radius):
+    """The distance-map dilation (linear in the voxels) grows the mask by exactly ITK's ball, per-axis radii too."""
+    array = np.zeros((60, 70, 80), np.uint8)
+    rng = np.random.default_rng(0)
+    array[tuple(rng.integers(20, 45, (3, 12)))] = 1
+    array[28:33, 30:40, 35:38] = 1
+    mask = sitk.GetImageFromArray(array)
+    mask.SetSpacing((0.78, 0.78, 1.2))
+    mask.SetDirection((0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+    expected = sitk.GetArrayFromImage(sitk.BinaryDilate(mask, radius))
+    grown = prealign._dilated(mask, radius)
+    assert Geometry.of(grown) == Geometry.of(mask)
+    assert np.array_equal(sitk.GetArrayFromImage(grown), expected)
 
 
 def test_candidates_are_compared_on_mr_voxels_about_2_mm_apart_and_the_truth_still_wins():

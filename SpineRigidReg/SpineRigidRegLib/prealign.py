@@ -234,8 +234,21 @@ def _dilated(mask: sitk.Image, radius: Sequence[int]) -> sitk.Image:
     low = [max(box[a] - radius[a], 0) for a in range(3)]
     high = [min(box[a] + box[a + 3] + radius[a], size[a]) for a in range(3)]
     extent = [h - lo for lo, h in zip(low, high)]
-    grown = sitk.BinaryDilate(sitk.RegionOfInterest(mask, extent, low), radius)
+    grown = _ball_dilate(sitk.RegionOfInterest(mask, extent, low), radius)
     return sitk.Paste(mask * 0, grown, extent, [0, 0, 0], low)
+
+
+def _ball_dilate(mask: sitk.Image, radius: Sequence[int]) -> sitk.Image:
+    """``sitk.BinaryDilate(mask, radius)`` (its ellipsoid of semi-axes ``radius + 0.5`` voxels, the same voxels; a
+    test compares them) from a distance map, linear in the voxels: ITK's dilation by a ball of 25 voxels took 0.3 s
+    of the clinical case's 1.3 s search."""
+    unit = sitk.Image(mask)  # distances in units of the ellipsoid's semi-axes, on an axis-aligned copy
+    unit.SetSpacing([1.0 / (r + 0.5) for r in radius])
+    unit.SetDirection(np.eye(3).flatten().tolist())
+    squared = sitk.SignedMaurerDistanceMap(unit, insideIsPositive=False, squaredDistance=True, useImageSpacing=True)
+    grown = sitk.Cast(squared <= 1.0, sitk.sitkUInt8)
+    grown.CopyInformation(mask)
+    return grown
 
 
 @contextmanager
