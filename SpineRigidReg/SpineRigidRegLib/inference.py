@@ -27,8 +27,8 @@ def check_precision(precision: str) -> str:
 
 def native_bfloat16(device: torch.device | str) -> bool:
     """True on a CPU with Intel AMX tiles and oneDNN: its bfloat16 3D convolutions run about twice as fast as
-    float32 (the bundled networks, 2 cores: docs/SPEED_PROFILE.md). False elsewhere: GPUs (not measured) and CPUs
-    without AMX, where bfloat16 may be emulated and slower."""
+    float32 (the bundled networks on 2 cores: the speed report's float32 row, docs/BENCHMARKS.md). False elsewhere:
+    GPUs (not measured) and CPUs without AMX, where bfloat16 may be emulated and slower."""
     if torch.device(device).type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
     has_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
