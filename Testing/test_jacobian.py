@@ -164,3 +164,15 @@ BAD_INPUTS = [
 def test_bad_inputs_raise_a_named_error(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 6, 7), (1, 3, 4, 1, 2)])
+def test_the_jacobian_without_autograd_is_the_differentiable_one_exactly(shape):
+    """A result's Jacobian is written in place (no autograd), the training losses' is built for autograd: the same
+    numbers, also along axes of one or two voxels."""
+    field = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    fast = jacobian_matrix(field, (0.8, 1.0, 2.5))
+    tracked = field.clone().requires_grad_(True)
+    differentiable = jacobian_matrix(tracked, (0.8, 1.0, 2.5))
+    assert differentiable.requires_grad and not fast.requires_grad
+    assert torch.equal(fast, differentiable.detach())

@@ -31,19 +31,28 @@ def spatial_gradient(field: torch.Tensor, spacing: Sequence[float] | None = None
 
 
 def _spatial_gradient(field: torch.Tensor, step: tuple[float, float, float]) -> torch.Tensor:
+    """Central differences inside, one-sided at the two ends of each axis. Without autograd each axis's differences
+    are written straight into their place in the output (concatenating and stacking copied the whole gradient twice:
+    half of a result's Jacobian time); with it the pieces are concatenated, whose backward is the cheaper one (the
+    training losses')."""
+    differentiable = field.requires_grad and torch.is_grad_enabled()
+    out = None if differentiable else field.new_empty(field.shape[0], field.shape[1], 3, *field.shape[2:])
     grads = []
     for axis, h in enumerate(step):
-        dim = axis + 2
-        n = field.shape[dim]
-        if n < 2:
-            grads.append(torch.zeros_like(field))
+        x = field.movedim(axis + 2, -1)
+        if x.shape[-1] < 2:
+            pieces = [torch.zeros_like(x)]
+        else:
+            inner = (x[..., 2:] - x[..., :-2]) / (2.0 * h)
+            pieces = [(x[..., 1:2] - x[..., 0:1]) / h, inner, (x[..., -1:] - x[..., -2:-1]) / h]
+        if out is None:
+            grads.append(torch.cat(pieces, dim=-1).movedim(-1, axis + 2))
             continue
-        x = field.movedim(dim, -1)
-        inner = (x[..., 2:] - x[..., :-2]) / (2.0 * h)
-        first = (x[..., 1:2] - x[..., 0:1]) / h
-        last = (x[..., -1:] - x[..., -2:-1]) / h
-        grads.append(torch.cat([first, inner, last], dim=-1).movedim(-1, dim))
-    return torch.stack(grads, dim=2)
+        target, start = out[:, :, axis].movedim(axis + 2, -1), 0
+        for piece in pieces:
+            target[..., start : start + piece.shape[-1]] = piece
+            start += piece.shape[-1]
+    return torch.stack(grads, dim=2) if out is None else out
 
 
 def jacobian_matrix(displacement: torch.Tensor, spacing: Sequence[float] | None = None) -> torch.Tensor:
@@ -59,9 +68,12 @@ def jacobian_matrix(displacement: torch.Tensor, spacing: Sequence[float] | None 
     check_tensor(displacement, "displacement", ndim=5, channels=3, floating=True, finite=True)
     step = check_spacing(spacing)
     scale = torch.tensor(step, dtype=displacement.dtype, device=displacement.device).view(1, 3, 1, 1, 1)
-    grad = _spatial_gradient(displacement * scale, step)
-    eye = torch.eye(3, dtype=displacement.dtype, device=displacement.device).view(1, 3, 3, 1, 1, 1)
-    return grad + eye
+    matrix = _spatial_gradient(displacement * scale, step)
+    if matrix.requires_grad:
+        return matrix + torch.eye(3, dtype=matrix.dtype, device=matrix.device).view(1, 3, 3, 1, 1, 1)
+    for axis in range(3):
+        matrix[:, axis, axis] += 1.0  # in place: adding the identity matrix copied the whole field once more
+    return matrix
 
 
 def determinant(matrix: torch.Tensor) -> torch.Tensor:
