@@ -12,6 +12,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 from conftest import write_phantom_case
+from SpineRigidRegLib import inference
 from SpineRigidRegLib.cli import jacobian as jacobian_cli
 from SpineRigidRegLib.cli import register as register_cli
 from SpineRigidRegLib.cli import warp as warp_cli
@@ -121,6 +122,21 @@ def test_no_qa_picture_writes_every_other_output(case, tmp_path, capsys):
     assert "qa.png" in written
     assert {p.name for p in (tmp_path / "without").iterdir()} == written - {"qa.png"}
     assert "QA picture" not in printed and "transform.h5" in printed
+
+
+def test_network_precision_reaches_the_networks_and_the_summary_says_it(case, tmp_path, capsys, monkeypatch):
+    """``auto`` runs bfloat16 where the CPU has it (forced here on any CPU), ``float32`` keeps float32; an unknown
+    choice is refused before any output."""
+    monkeypatch.setattr(inference, "native_bfloat16", lambda device: True)
+    for choice, arithmetic in (("float32", "float32"), ("auto", "bfloat16")):
+        out = tmp_path / choice
+        assert run_register(case, out, "--vertebra-steps", "0", "--network-precision", choice) == 0
+        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+        assert summary["network_arithmetic"] == arithmetic
+        assert f"(networks in {arithmetic})" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        run_register(case, tmp_path / "half", "--network-precision", "half")
+    assert "invalid choice: 'half'" in capsys.readouterr().err and not (tmp_path / "half").exists()
 
 
 def test_vertebra_weight_accepts_names_and_rejects_unknown(case, tmp_path, capsys):

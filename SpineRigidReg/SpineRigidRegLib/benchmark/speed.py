@@ -297,6 +297,7 @@ def speed_benchmark(
         weights = "untrained network of the default architecture (bundled model absent)"
     torch_device = next(network.parameters()).device
     settings = make_settings(device=str(torch_device), refine_steps=0)
+    arithmetic = network_arithmetic_name(torch_device, settings.network_precision)
 
     def run(*images, precision: str | None = None, **kwargs):
         chosen = settings if precision is None else replace(settings, network_precision=precision)
@@ -306,14 +307,13 @@ def speed_benchmark(
     rows, phantom_images = phantom_scenarios(run, str(torch_device), shape, seed, repeats)
     report(0.3, "speed: sample case")
     if bundled_model_available():
-        arithmetic = network_arithmetic_name(torch_device, settings.network_precision)
         rows += sample_scenarios(run, str(torch_device), repeats, float32_row=arithmetic != "float32")
     report(0.5, "speed: clinical case")
     rows += clinical_scenario(run, str(torch_device), shared_data, repeats)
     out: dict = {
         "device": str(torch_device),
         "threads": torch.get_num_threads(),
-        "network_arithmetic": network_arithmetic_name(torch_device, settings.network_precision),
+        "network_arithmetic": arithmetic,
         "repeats": repeats,
         "weights": weights,
         "scenarios": [
