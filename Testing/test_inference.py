@@ -19,7 +19,8 @@ SMALL = {"encoder_channels": (8, 8, 16, 16), "decoder_channels": (16, 16, 16, 16
 
 @pytest.fixture
 def bfloat16_cpu(monkeypatch):
-    """Run "auto" in bfloat16 on any CPU (slower without AMX, the same arithmetic): the tests hold on every machine."""
+    """Run "auto" in bfloat16 on any CPU (slower without bfloat16 units, the same arithmetic): the tests hold on
+    every machine."""
     monkeypatch.setattr(inference, "native_bfloat16", lambda device: torch.device(device).type == "cpu")
 
 
@@ -29,12 +30,23 @@ def test_an_unknown_precision_is_refused_in_one_line():
     assert RegistrationSettings().network_precision == "auto"
 
 
-def test_auto_is_bfloat16_only_on_a_cpu_with_amx_and_float32_is_float32_everywhere(monkeypatch):
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert inference.uses_bfloat16("cpu", "auto") and not inference.uses_bfloat16("cpu", "float32")
+@pytest.mark.parametrize(
+    ("amx", "avx512_bf16", "expected"), [(True, False, True), (False, True, True), (False, False, False)]
+)
+def test_auto_is_bfloat16_only_on_a_cpu_with_bfloat16_units_and_float32_is_float32_everywhere(
+    monkeypatch, amx, avx512_bf16, expected
+):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert inference.uses_bfloat16("cpu", "auto") is expected  # emulated bfloat16 may be slower than float32
+    assert not inference.uses_bfloat16("cpu", "float32")
     assert not inference.uses_bfloat16("cuda", "auto")  # not measured on GPUs
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert not inference.uses_bfloat16("cpu", "auto")  # bfloat16 may be emulated, and slower, without AMX
+
+
+def test_a_torch_without_the_cpu_queries_runs_float32(monkeypatch):
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    assert not inference.native_bfloat16("cpu")
 
 
 def _trained_like_network() -> RegistrationNet:

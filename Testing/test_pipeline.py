@@ -182,7 +182,7 @@ def test_result_reports_rigidity_per_vertebra_and_dice_with_mr_labels(phantom, n
 
 def test_the_summary_says_in_which_arithmetic_the_networks_ran(phantom, network, monkeypatch):
     """``network_precision`` reaches the network stage: float32 is the float32 velocity, bfloat16 differs from it
-    (here forced on any CPU; "auto" picks it only on a CPU with AMX) and is recorded as such."""
+    (here forced on any CPU; "auto" picks it only on a CPU with bfloat16 units) and is recorded as such."""
     monkeypatch.setattr(inference, "native_bfloat16", lambda device: True)
     mr = oblique_mr(phantom, sitk.Euler3DTransform())
     runs = {

@@ -15,8 +15,11 @@ from SpineRigidRegLib.polyrigid import (
     VertebraFit,
     VertebraFrames,
     VertebraRigidSettings,
+    apply_blended,
+    blended_motion,
     refine_vertebrae_rigidly,
     rigid_maps,
+    rigid_motions,
     rigid_velocity,
     step_size,
     vertebra_frames,
@@ -75,6 +78,19 @@ def test_the_closed_form_rigid_map_is_where_the_rigid_velocity_carries_each_poin
     zero = torch.zeros(1, 6, requires_grad=True)
     rigid_maps(zero, frames.centres_mm, points_mm.float()).sum().backward()
     assert bool(torch.isfinite(zero.grad).all())
+
+
+def test_the_blended_motion_moves_each_point_by_the_weighted_sum_of_the_vertebrae_motions():
+    """``x + sum_k w_k (M_k x - x)``, with weights that need not sum to 1 (the envelope fades them), in one product."""
+    generator = torch.Generator().manual_seed(1)
+    bounded = torch.randn(3, 6, generator=generator, dtype=torch.float64) * 4.0
+    centres = torch.rand(3, 3, generator=generator, dtype=torch.float64) * 80.0
+    points = torch.rand(50, 3, generator=generator, dtype=torch.float64) * 100.0
+    weights = torch.rand(3, 50, generator=generator, dtype=torch.float64) * 0.5
+    maps = rigid_maps(bounded, centres, points)
+    expected = points + (weights[..., None] * (maps - points)).sum(0)
+    moved = apply_blended(blended_motion(weights, *rigid_motions(bounded, centres)), points)
+    torch.testing.assert_close(moved, expected, atol=1e-9, rtol=0)
 
 
 def test_after_recentring_the_sampled_loss_sees_each_point_where_the_integrated_velocity_puts_it():
@@ -263,7 +279,11 @@ def test_a_vertebra_cut_by_the_fields_of_view_follows_the_anatomy_not_their_edge
             for v in (20, 21)
         ]
     assert max(errors[True]) < 0.2, errors  # voxels
-    assert errors[False][1] > 1.0, errors
+    if similarity == "mind":
+        # The sampled NMI starts with its samples on whole voxels, where grid_sample's gradient took the forward
+        # or the backward difference by rounding and the edge held the vertebra; point_sampling.points_at always
+        # takes the forward one and finds it here even without the masks, so only the dense MIND shows the edge.
+        assert errors[False][1] > 1.0, errors
 
 
 def test_the_overlap_mask_is_where_the_fixed_image_and_the_warped_moving_image_both_have_data():

@@ -30,10 +30,10 @@ import torch.nn.functional as F
 
 from .errors import CancelledError, InputError
 from .losses.similarity import SIMILARITY_LOSSES, mind_ssc, parzen_weights
+from .point_sampling import points_at, read_with_data_mask, with_data_mask
 from .validation import check_settings_fields
 from .warp import (
     identity_grid,
-    inside_moving_image,
     integrate_velocity,
     map_of_velocity,
     overlap_mask,
@@ -452,13 +452,13 @@ class SampledProblem:
         if index.numel() == 0:
             raise InputError("the MR's field of view does not reach the CT vertebrae after pre-alignment")
         self.fit, self.moving_frames, self.moving = fit, frames, moving
-        # Converted once: each step samples it (a bool mask would be converted to float at every step).
-        self.moving_mask = None if pair.moving_mask is None else pair.moving_mask.float()
+        self.moving_mask = pair.moving_mask
         self.step_mm = torch.tensor([float(s) for s in spacing], device=fixed.device)
         self.grid_mm = torch.tensor(frames.spacing, device=fixed.device)
         self.fixed, self.slices = fixed, slices
-        #: The CT the similarity reads: ``moving``, or after :meth:`_compare_as_slices` its average across the slices.
-        self.moving_across_slices = moving
+        #: What :meth:`moving_at` reads: ``moving``, or after :meth:`_compare_as_slices` its average across the
+        #: slices; with the CT's data mask beside it (:func:`.warp.with_data_mask`) when the pair has one.
+        self.readable = self._readable(moving)
         self.base_map = _base_displacement(fit.base, fit.integration_steps)
         self.sources = self.pair_targets_mm = torch.zeros(0, 3, device=fixed.device)
         if point_pairs is not None and len(point_pairs[0]) and settings.points_weight > 0:
@@ -489,7 +489,7 @@ class SampledProblem:
         slices, self.slices = self.slices, None
         voxels = _mr_voxel_centres(self.points_mm[: self.sample_count] / self.step_mm, slices)
         values = sample_at(self.fixed, voxels.T.reshape(1, 3, -1, 1, 1), padding_mode="border").flatten()
-        self.moving_across_slices = _across_slices(self.moving, slices.axis, slices.taps)
+        self.readable = self._readable(_across_slices(self.moving, slices.axis, slices.taps))
         self._compare_at(voxels, values)
 
     def owners(self, bounded: torch.Tensor) -> torch.Tensor:
@@ -502,8 +502,8 @@ class SampledProblem:
 
     def closed_form_mm(self, bounded: torch.Tensor) -> torch.Tensor:
         """``(N + M, 3)`` where the points lie in the moving image (mm, array order) by the closed form."""
-        maps = rigid_maps(bounded, self.fit.frames.centres_mm, self.points_mm)
-        return self.points_mm + self.base_mm + (self.weights[..., None] * (maps - self.points_mm)).sum(0)
+        blend = blended_motion(self.weights, *rigid_motions(bounded, self.fit.frames.centres_mm))
+        return apply_blended(blend, self.points_mm) + self.base_mm
 
     def integrated_mm(self, bounded: torch.Tensor) -> torch.Tensor:
         """``(N + M, 3)`` where the points lie in the moving image along the paths of the whole velocity."""
@@ -519,19 +519,25 @@ class SampledProblem:
                 if self.fit.recentred:
                     self.correction = self.integrated_mm(bounded) - self.closed_form_mm(bounded)
         moved = self.closed_form_mm(bounded) + self.correction
-        at = (moved[: self.sample_count] / self.step_mm).T.reshape(1, 3, -1, 1, 1)
-        mask = None if self.moving_mask is None else inside_moving_image(self.moving_mask, at)
-        loss = self.similarity(self.fixed_samples, self.moving_at(at), mask=mask)
+        values, inside = self.moving_at(moved[: self.sample_count] / self.step_mm)
+        loss = self.similarity(self.fixed_samples, values, mask=inside)
         if len(self.pair_targets_mm):
             distances = ((moved[self.sample_count :] - self.pair_targets_mm) ** 2).sum(dim=1)
             loss = loss + self.fit.settings.points_weight * distances.mean()
         return loss
 
-    def moving_at(self, at: torch.Tensor) -> torch.Tensor:
-        """The CT at voxel positions ``at`` ``(1, 3, N, 1, 1)``: ``(1, 1, N, 1, 1)``; from the switch to the MR's own
-        voxels on a thick-slice MR, the CT averaged across the MR's slice thickness (along the grid axis of the
-        slices' normal: rotations of a few degrees are left out)."""
-        return sample_at(self.moving_across_slices, at, padding_mode="border")
+    def _readable(self, moving: torch.Tensor) -> torch.Tensor:
+        return moving if self.moving_mask is None else with_data_mask(moving, self.moving_mask)
+
+    def moving_at(self, voxels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The CT at ``voxels`` ``(N, 3)`` of its grid, ``(1, 1, N, 1, 1)``, and where it holds data there
+        (:func:`.warp.inside_moving_image`, the same shape; ``None`` without a data mask). From the switch to the
+        MR's own voxels on a thick-slice MR, the CT averaged across the MR's slice thickness (along the grid axis of
+        the slices' normal: rotations of a few degrees are left out)."""
+        if self.moving_mask is None:
+            return points_at(self.readable, voxels).view(1, 1, -1, 1, 1), None
+        values, inside = read_with_data_mask(self.readable, voxels)
+        return values.view(1, 1, -1, 1, 1), inside.view(1, 1, -1, 1, 1)
 
     def pair_offsets(self, bounded: torch.Tensor) -> dict[int, torch.Tensor]:
         if not len(self.pair_targets_mm):
@@ -627,8 +633,9 @@ def _mean_offsets(owner: torch.Tensor, mapped_mm: torch.Tensor, targets_mm: torc
     return offsets
 
 
-def rigid_maps(bounded: torch.Tensor, centres_mm: torch.Tensor, points_mm: torch.Tensor) -> torch.Tensor:
-    """Where each vertebra's rigid velocity carries ``points_mm`` ``(N, 3)`` in unit time: ``(K, N, 3)`` mm.
+def rigid_motions(bounded: torch.Tensor, centres_mm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each vertebra's rigid velocity integrated over unit time, as ``x -> R x + o``: ``R`` ``(K, 3, 3)``, ``o``
+    ``(K, 3)`` mm.
 
     The velocity ``t + w x (x - c)`` integrates to ``R (x - c) + c + V t`` with ``R = exp([w])`` and
     ``V = I + B [w] + C [w]^2`` (``B = (1 - cos a) / a^2``, ``C = (a - sin a) / a^3``, ``a = |w|``).
@@ -636,7 +643,6 @@ def rigid_maps(bounded: torch.Tensor, centres_mm: torch.Tensor, points_mm: torch
     Args:
         bounded: ``(K, 6)`` translation (mm) and rotation vector (``1 / ROTATION_RADIUS_MM`` rad), array order.
         centres_mm: ``(K, 3)`` centres the rotations act about.
-        points_mm: ``(N, 3)`` in the same mm frame.
     """
     w = bounded[:, 3:] / ROTATION_RADIUS_MM
     zero = torch.zeros_like(w[:, 0])
@@ -651,8 +657,29 @@ def rigid_maps(bounded: torch.Tensor, centres_mm: torch.Tensor, points_mm: torch
     square = skew @ skew
     rotation = eye + a.view(-1, 1, 1) * skew + b.view(-1, 1, 1) * square
     v = eye + b.view(-1, 1, 1) * skew + c.view(-1, 1, 1) * square
-    shift = centres_mm + (v @ bounded[:, :3, None])[..., 0]
-    return (points_mm[None] - centres_mm[:, None]) @ rotation.transpose(1, 2) + shift[:, None]
+    offset = centres_mm - (rotation @ centres_mm[..., None])[..., 0] + (v @ bounded[:, :3, None])[..., 0]
+    return rotation, offset
+
+
+def rigid_maps(bounded: torch.Tensor, centres_mm: torch.Tensor, points_mm: torch.Tensor) -> torch.Tensor:
+    """Where each vertebra's rigid velocity carries ``points_mm`` ``(N, 3)`` in unit time (:func:`rigid_motions`):
+    ``(K, N, 3)`` mm."""
+    rotation, offset = rigid_motions(bounded, centres_mm)
+    return points_mm[None] @ rotation.transpose(1, 2) + offset[:, None]
+
+
+def blended_motion(weights: torch.Tensor, rotation: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """``(N, 12)``: at each of ``N`` points the ``weights`` ``(K, N)``-blend of the motions' ``x -> (R - I) x + o``
+    (:func:`rigid_motions`), as the 9 entries of ``R - I`` (row-major) and the 3 of ``o``. Blending the ``(K, 12)``
+    motions costs one small matrix product; moving every point by every motion and blending the ``K`` results cost
+    the vertebra-wise stage a ``(K, N, 3)`` tensor and its backward pass at every step."""
+    eye = torch.eye(3, dtype=rotation.dtype, device=rotation.device)
+    return weights.T @ torch.cat([(rotation - eye).flatten(1), offset], dim=1)
+
+
+def apply_blended(blend: torch.Tensor, points_mm: torch.Tensor) -> torch.Tensor:
+    """``points_mm`` ``(N, 3)`` moved by their :func:`blended_motion` ``blend`` ``(N, 12)``: ``(N, 3)`` mm."""
+    return points_mm + (blend[:, :9].view(-1, 3, 3) @ points_mm[..., None])[..., 0] + blend[:, 9:]
 
 
 def _values_at(volume: torch.Tensor, voxels: torch.Tensor) -> torch.Tensor:

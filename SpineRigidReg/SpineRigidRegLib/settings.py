@@ -39,8 +39,8 @@ class RegistrationSettings:
         deterministic: The same inputs give the same result: the automatic pre-alignment's ITK metric runs on one
             thread (its multi-threaded sums differ from run to run); the torch stages are deterministic on the CPU.
         network_precision: The networks' arithmetic at inference (:data:`.inference.PRECISIONS`): ``"auto"``
-            runs their convolutions in bfloat16 on a CPU with bfloat16 matrix units (about twice as fast there),
-            ``"float32"`` always in float32.
+            runs their convolutions in bfloat16 on a CPU with bfloat16 arithmetic units (Intel AMX, AVX-512 BF16;
+            about twice as fast there), ``"float32"`` always in float32.
     """
 
     device: str = "auto"

@@ -23,6 +23,7 @@ from torch import nn
 
 from .errors import InputError
 from .geometry import ALIGN_CORNERS, voxel_to_normalized
+from .point_sampling import WHOLE_STENCIL
 from .validation import check_label_tensor, check_shape3, check_tensor
 
 #: The paper's number of scaling-and-squaring steps (velocity divided by 2**7 = 128).
@@ -419,7 +420,7 @@ def inside_moving_image(moving_mask: torch.Tensor, coords: torch.Tensor) -> torc
     A sample partly outside interpolates towards the 0 beyond the field of view: an artificial edge inside the mask
     whose gradient pulled the bundled sample's cut vertebra 4 mm along the spine (a 0.5 threshold).
     """
-    return (sample_at(moving_mask.float(), coords) > 0.999).float()
+    return (sample_at(moving_mask.float(), coords) > WHOLE_STENCIL).float()
 
 
 def overlap_mask(

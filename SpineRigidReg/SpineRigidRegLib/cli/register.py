@@ -112,7 +112,7 @@ def _add_stage_arguments(options: argparse._ArgumentGroup) -> None:
         "--network-precision",
         choices=PRECISIONS,
         default=None,
-        help="the networks' arithmetic: auto (bfloat16 on a CPU with bfloat16 matrix units, about twice as fast "
+        help="the networks' arithmetic: auto (bfloat16 on a CPU with bfloat16 arithmetic units, about twice as fast "
         "there; float32 elsewhere) or float32 always (default: auto)",
     )
 
