@@ -101,6 +101,17 @@ def test_the_report_says_how_each_figure_was_timed():
     assert "the fastest of 3 runs" in "\n".join(report._speed_section(figures | {"repeats": 3}, "."))
 
 
+def test_the_speed_section_names_the_cpu_and_commit_it_ran_on():
+    """The speed run may be on another machine than the Table 1 run whose machine section closes the report (it was
+    in session 20: an AMD EPYC beside an earlier Intel Xeon); a run that recorded neither still renders."""
+    figures = {"input_shape": [8, 8, 8], "processing_grid": [8, 8, 8], "device": "cpu", "threads": 2, "weights": "w",
+               "pipeline_s": 6.0, "registration_s": 5.0, "stages_s": {}, "elastix_s": 60.0,
+               "speedup_vs_elastix": 10.0, "date_utc": "2026-12-06 13:41 UTC"}  # fmt: skip
+    text = "\n".join(report._speed_section(figures | {"cpu": "AMD EPYC", "git_commit": "abc1234"}, "."))
+    assert "device cpu (AMD EPYC, 2 torch threads" in text and "(2026-12-06 13:41 UTC, commit abc1234)" in text
+    assert "device cpu (2 torch threads" in "\n".join(report._speed_section(figures, "."))
+
+
 def test_where_the_networks_ran_in_bfloat16_the_sample_case_is_also_timed_in_float32(monkeypatch):
     """The float32 row is what a CPU without bfloat16 units runs; the correction still corrects the pointed run."""
     monkeypatch.setattr(pipeline, "forget_kept_work", lambda: None)

@@ -449,6 +449,11 @@ def _results_section(run: BenchmarkRun, meta: Mapping, rel: str) -> list[str]:
     return lines
 
 
+def _cpu_text(speed: Mapping) -> str:
+    """``"<CPU>, "`` when the speed run recorded its CPU (runs before session 20 did not)."""
+    return f"{speed['cpu']}, " if speed.get("cpu") else ""
+
+
 def _speed_section(speed: Mapping, rel: str) -> list[str]:
     stages = speed.get("stages_s", {})
     lines = [
@@ -457,8 +462,8 @@ def _speed_section(speed: Mapping, rel: str) -> list[str]:
         "Whole `srr-register` pipeline with its default settings (network + vertebra-wise rigid alignment, no "
         f"dense refinement) on a {' x '.join(str(s) for s in speed['input_shape'])} "
         f"(D, H, W) 1 mm phantom crop (processing grid {' x '.join(str(s) for s in speed['processing_grid'])}), "
-        f"device {speed['device']} ({speed.get('threads')} torch threads, the networks' arithmetic in "
-        f"{speed.get('network_arithmetic', 'float32')}), {speed.get('weights')}; {_runs(speed)}.",
+        f"device {speed['device']} ({_cpu_text(speed)}{speed.get('threads')} torch threads, the networks' "
+        f"arithmetic in {speed.get('network_arithmetic', 'float32')}), {speed.get('weights')}; {_runs(speed)}.",
         "",
         "| quantity | value |",
         "|---|---|",
@@ -488,7 +493,8 @@ def _speed_section(speed: Mapping, rel: str) -> list[str]:
         "per-vertebra metrics and rigid fits (the inverse field is computed when it is written, by the command); "
         "elastix's time covers its registration and the deformation field only.",
         "",
-        f"Command: `{speed.get('command', 'srr-benchmark --speed')}` ({speed.get('date_utc', '')}).",
+        f"Command: `{speed.get('command', 'srr-benchmark --speed')}` ({speed.get('date_utc', '')}"
+        f"{', commit ' + speed['git_commit'] if speed.get('git_commit') else ''}).",
         "",
     ]
     return lines

@@ -159,8 +159,9 @@ def _run_speed(args: argparse.Namespace, markdown: Path) -> int:
             shared_data=args.shared_data,
             repeats=REPEATS if args.speed_repeats is None else args.speed_repeats,
         )
-    speed["command"] = report.command_line()
-    speed["date_utc"] = report.machine_info()["date_utc"]
+    machine = report.machine_info()
+    # The speed run may be on another machine than the Table 1 run beside it in the report: it names its own.
+    speed |= {"command": report.command_line(), **{k: machine[k] for k in ("date_utc", "cpu", "git_commit")}}
     report.write_json(speed, args.out / report.SPEED_JSON)
     path = report.render_markdown(args.out, markdown)
     print(
