@@ -93,6 +93,27 @@ def test_the_blended_motion_moves_each_point_by_the_weighted_sum_of_the_vertebra
     torch.testing.assert_close(moved, expected, atol=1e-9, rtol=0)
 
 
+def test_the_sampled_nmi_ignores_the_ct_where_the_ct_has_no_data():
+    """With the CT's data mask, samples whose trilinear stencil leaves it drop out of the NMI: what the CT holds
+    beyond its field of view cannot change the loss. Without the mask it does (the check that the case tests it)."""
+    labels, moving, fixed, _ = shifted_pair([-1.0, 0.5, 0.5], (16, 12, 12), seed=0)
+    has_data = torch.ones_like(fixed, dtype=torch.bool)
+    has_data[:, :, 24:] = False  # vertebra 21 spans slices 19-27: its samples cross the edge
+    other = moving.clone()
+    other[~has_data] = torch.rand(int((~has_data).sum()), generator=torch.Generator().manual_seed(3))
+    settings = VertebraRigidSettings(steps=1, samples=4000, slice_model=False)
+
+    def loss(ct, mask):
+        frames = vertebra_frames(labels, (1.0, 1.0, 1.0), settings.sigma_mm, None, settings.margin_mm)
+        fit = VertebraFit(settings, frames, torch.zeros(1, 3, 32, 24, 24), labels, 7, None, None)
+        pair = ProcessingPair(fixed, ct, labels, (1.0, 1.0, 1.0), moving_mask=mask)
+        bounded = torch.tensor([[0.3, -0.2, 0.1, 0.5, 0.0, 0.0], [0.2, 0.4, -0.3, 0.0, -0.6, 0.0]])
+        return float(SampledProblem(fit, pair).loss(bounded, 0))
+
+    assert loss(moving, has_data) == loss(other, has_data)
+    assert loss(moving, None) != loss(other, None)
+
+
 def test_after_recentring_the_sampled_loss_sees_each_point_where_the_integrated_velocity_puts_it():
     labels = two_vertebrae()
     fixed = F.avg_pool3d((labels > 0).float(), 3, stride=1, padding=1)

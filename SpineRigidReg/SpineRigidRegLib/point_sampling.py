@@ -43,7 +43,7 @@ def read_with_data_mask(stacked: torch.Tensor, voxels: torch.Tensor) -> tuple[to
     ``stacked`` (:func:`with_data_mask`): the padding gives the mask's zeros beyond the grid and the image's edge
     values, and the two channels share the read's cost."""
     both = points_at(stacked, voxels + 1.0)
-    return both[0], (both[1] > WHOLE_STENCIL).float().detach()
+    return both[0], (both[1] > WHOLE_STENCIL).float()
 
 
 #: Offsets of a cell's 8 corners, as (z, y, x) bits: x varies fastest, then y, then z.

@@ -457,7 +457,7 @@ class SampledProblem:
         self.grid_mm = torch.tensor(frames.spacing, device=fixed.device)
         self.fixed, self.slices = fixed, slices
         #: What :meth:`moving_at` reads: ``moving``, or after :meth:`_compare_as_slices` its average across the
-        #: slices; with the CT's data mask beside it (:func:`.warp.with_data_mask`) when the pair has one.
+        #: slices; with the CT's data mask beside it (:func:`.point_sampling.with_data_mask`) when the pair has one.
         self.readable = self._readable(moving)
         self.base_map = _base_displacement(fit.base, fit.integration_steps)
         self.sources = self.pair_targets_mm = torch.zeros(0, 3, device=fixed.device)
