@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from SpineRigidRegLib.errors import InputError
+from SpineRigidRegLib.jacobian import jacobian_determinant
 from SpineRigidRegLib.metrics import (
     dice_per_label,
     field_summary,
@@ -109,6 +110,29 @@ def test_folding_voxels_and_sd_log_jacobian():
         torch.randn(1, 3, 3, 3, 3, generator=gen), size=SHAPE, mode="trilinear", align_corners=True
     )
     assert sd_log_jacobian(wobbly, SPACING) > 0.01
+
+
+def test_the_field_summary_over_a_mask_is_the_statistics_of_the_masked_voxels_alone():
+    """The summary reads the whole grid with the mask as weights (no selection of the masked voxels): its SD of
+    log det J, mean and largest displacement are those of the masked voxels selected by hand, voxels outside the
+    mask and folded voxels left out; an empty mask gives nan."""
+    gen = torch.Generator().manual_seed(2)
+    field = torch.nn.functional.interpolate(
+        2.0 * torch.randn(1, 3, 4, 4, 4, generator=gen), size=SHAPE, mode="trilinear", align_corners=True
+    )
+    lengths = (field * torch.tensor(SPACING).view(1, 3, 1, 1, 1)).norm(dim=1)[0]
+    mask = torch.rand(SHAPE, generator=gen) > 0.4
+    mask.view(-1)[lengths.argmax()] = False  # the longest displacement lies outside
+    summary = field_summary(field, SPACING, mask=mask)
+    det = jacobian_determinant(field, SPACING)[0, 0]
+    valid = mask & (det > 0)
+    assert 0 < int((mask & (det <= 0)).sum()) == summary["folding_voxels"]  # some folds inside, left out below
+    assert summary["sd_log_jacobian"] == pytest.approx(float(det[valid].double().log().std(correction=0)), rel=1e-12)
+    assert summary["mean_displacement_mm"] == pytest.approx(float(lengths[mask].double().mean()), rel=1e-6)
+    assert summary["max_displacement_mm"] == pytest.approx(float(lengths[mask].max()), rel=1e-6)
+    assert summary["max_displacement_mm"] < float(lengths.max())
+    empty = field_summary(field, SPACING, mask=torch.zeros(SHAPE, dtype=torch.bool))
+    assert all(math.isnan(empty[key]) for key in ("sd_log_jacobian", "mean_displacement_mm", "max_displacement_mm"))
 
 
 def test_properness_and_orthonormality_metrics_are_analytic_for_linear_maps():

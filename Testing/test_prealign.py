@@ -4,6 +4,7 @@ finds."""
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 
 import numpy as np
@@ -78,8 +79,10 @@ def test_a_ct_beyond_the_voxel_budget_is_still_aligned(monkeypatch):
 
 def test_only_a_ct_beyond_the_voxel_budget_is_registered_without_itks_gradient_filters(monkeypatch):
     """The rule of `GRADIENT_FILTER_MAX_VOXELS`: a small CT keeps the filtered gradients in its 3 registrations (the
-    metric values take theirs at the samples either way), a CT of more voxels gives them up."""
+    metric values take theirs at the samples either way), a CT of more voxels gives them up. On one thread: on two,
+    a rigid stage started ahead from the search that ends first may run too (:func:`_translation_then_rigid`)."""
     mr, ct, labels = _pair()
+    monkeypatch.setattr(prealign.torch, "get_num_threads", lambda: 1)
     calls = Counter()
     registration, unfiltered = prealign._mattes_mi, prealign._gradients_at_samples
     monkeypatch.setattr(prealign, "_mattes_mi", lambda *a, **k: calls.update(["run"]) or registration(*a, **k))
@@ -106,12 +109,13 @@ def test_a_pair_in_register_keeps_the_scanner_frames_when_the_search_ends_worse(
     assert np.abs(found.matrix - np.eye(4)).max() < 1e-6
 
 
-def _search_on(threads: int, monkeypatch) -> tuple[np.ndarray, set[int], list[int]]:
+def _search_on(threads: int, monkeypatch, keep_patches: bool = False) -> tuple[np.ndarray, set[int], list[int]]:
     """The pre-alignment of :func:`_pair` with ``threads`` ITK threads: its matrix, the threads that ran a
     registration, and those that reported progress."""
     mr, ct, labels = _pair()
     ran, reports = set(), []
-    monkeypatch.undo()  # a second call wraps the registration itself, not the first call's spy
+    if not keep_patches:
+        monkeypatch.undo()  # a second call wraps the registration itself, not the first call's spy
     inner = prealign._mattes_mi
     monkeypatch.setattr(prealign, "_mattes_mi", lambda *a, **k: ran.add(threading.get_ident()) or inner(*a, **k))
     previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
@@ -133,8 +137,49 @@ def test_the_starts_searched_on_two_threads_find_what_one_thread_finds(monkeypat
     one, ran_one, _ = _search_on(1, monkeypatch)
     two, ran_two, reports = _search_on(2, monkeypatch)
     assert np.array_equal(one, two)
-    assert len(ran_one) == 1 and len(ran_two) == 2  # the parallel path did run
+    assert len(ran_one) == 1 and len(ran_two) >= 2  # the parallel path did run
     assert reports and set(reports) == {threading.get_ident()}
+
+
+def test_the_rigid_stage_started_ahead_changes_when_the_matrix_is_found_not_which(monkeypatch):
+    """Whichever search ends first starts the rigid stage from its best translation on the core it frees. Delaying
+    either start's search in turn, the matrix is the one-thread matrix to the last bit; the rigid stage runs once
+    when the start whose search ended first wins, and a second time, from the winner, when it loses."""
+    one, _, _ = _search_on(1, monkeypatch)
+    search, rigid_stage = prealign._search_from, prealign._rigid_stage
+    runs = []
+    for late_start in (0, 1):
+        rigid_runs = []
+
+        def search_from(images, start, progress, late_start=late_start):
+            if bool(np.any(start)) == bool(late_start):  # start 0 is the scanner frames (no shift)
+                time.sleep(0.5)
+            return search(images, start, progress)
+
+        monkeypatch.setattr(prealign, "_search_from", search_from)
+        monkeypatch.setattr(prealign, "_rigid_stage", lambda *a, r=rigid_runs, **k: r.append(1) or rigid_stage(*a, **k))
+        two, _, _ = _search_on(2, monkeypatch, keep_patches=True)
+        assert np.array_equal(one, two)
+        runs.append(len(rigid_runs))
+        monkeypatch.undo()
+    assert sorted(runs) == [1, 2]
+
+
+def test_a_stopped_rigid_stage_ends_at_its_first_iteration_and_gives_nothing():
+    mr, ct, labels = _pair()
+    mask = prealign._dilated(sitk.Cast(labels > 0, sitk.sitkUInt8), [4, 4, 4])
+    stop, iterations = threading.Event(), []
+    stop.set()
+    centre = Geometry.of(mr).corners_lps().mean(axis=0)
+    found = prealign._rigid_stage(
+        (sitk.Cast(mr, sitk.sitkFloat32), ct, mask),
+        sitk.TranslationTransform(3),
+        lambda *_: iterations.append(1),
+        stop,
+        fixed_centre=centre,
+        spine_centre=centre,
+    )
+    assert found is None and len(iterations) <= 1
 
 
 def test_the_spine_region_dilated_on_its_box_is_the_whole_images_dilation():

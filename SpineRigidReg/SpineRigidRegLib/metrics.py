@@ -110,9 +110,28 @@ def _dice(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("nan") if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
+# The region's statistics below read the whole grid through ``torch.where`` rather than selecting ``values[region]``:
+# on the sample case's 3.3 M voxel grid the selection took 60-80 ms each time, most of the outputs' field summary.
 def _region_mean(values: torch.Tensor, region: torch.Tensor) -> float:
+    """Mean of ``values`` over the boolean ``region`` (same shape), summed in float64; ``nan`` for an empty one."""
     count = int(region.sum())
-    return float("nan") if count == 0 else float(values[region].double().mean())
+    return float("nan") if count == 0 else float(torch.where(region, values, 0.0).sum(dtype=torch.float64) / count)
+
+
+def _region_max(values: torch.Tensor, region: torch.Tensor) -> float:
+    """Largest of ``values`` over the boolean ``region``; ``nan`` for an empty one."""
+    return float(torch.where(region, values, float("-inf")).max()) if bool(region.any()) else float("nan")
+
+
+def _sd_log(det: torch.Tensor, valid: torch.Tensor) -> float:
+    """Population SD of ``log det`` (float64) over the boolean ``valid``, where ``det > 0``; ``nan`` for an empty
+    one."""
+    count = int(valid.sum())
+    if count == 0:
+        return float("nan")
+    logs = torch.where(valid, det, 1.0).double().log_()  # 0 outside ``valid``
+    mean = logs.sum() / count
+    return float(((logs - mean).square_() * valid).sum().div_(count).sqrt_())
 
 
 # ------------------------------------------------------------------------------------------------------ overlap
@@ -310,10 +329,7 @@ def sd_log_jacobian(displacement: object, spacing: Sequence[float] | None = None
     u = _field(displacement, "displacement")
     region = _mask(mask, u)
     det = determinant(_jacobian(u, spacing))
-    valid = region & (det > 0)
-    if not bool(valid.any()):
-        return float("nan")
-    return float(torch.log(det[valid].double()).std(correction=0))
+    return _sd_log(det, region & (det > 0))
 
 
 def _per_vertebra_field_metric(
@@ -401,16 +417,14 @@ def field_summary(
     region = _mask(mask, u)
     det = determinant(_jacobian(u, spacing) if jacobian is None else jacobian)
     folded = int(((det <= 0) & region).sum())
-    valid = region & (det > 0)
-    sd = float(torch.log(det[valid].double()).std(correction=0)) if bool(valid.any()) else float("nan")
     norm = _norm_mm(u, spacing)
     count = int(region.sum())
     return {
         "folding_voxels": folded,
         "folding_percent": float("nan") if count == 0 else 100.0 * folded / count,
-        "sd_log_jacobian": sd,
+        "sd_log_jacobian": _sd_log(det, region & (det > 0)),
         "mean_displacement_mm": _region_mean(norm, region),
-        "max_displacement_mm": float("nan") if count == 0 else float(norm[region].max()),
+        "max_displacement_mm": _region_max(norm, region),
     }
 
 

@@ -11,10 +11,13 @@ ITK resamples with.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
+from typing import NamedTuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -201,8 +204,6 @@ def automatic_prealignment(
     centroid = np.mean(list(label_centroids(spine).values()), axis=0)
     fixed_geometry = Geometry.of(fixed)
     fixed_centre = fixed_geometry.corners_lps().mean(axis=0)
-    initial = sitk.Euler3DTransform()
-    initial.SetCenter(tuple(float(c) for c in fixed_centre))
 
     radius = [max(int(round(margin_mm / s)), 1) for s in moving_labels.GetSpacing()]
     moving_mask = _dilated(spine, radius)
@@ -210,13 +211,11 @@ def automatic_prealignment(
     if _inside(fixed_geometry, centroid):
         starts.insert(0, np.zeros(3))
     # Translation first, then rotation: on small or low-contrast images a rigid optimiser started far away
-    # trades a wrong rotation for translation. The rigid stage samples the MR inside the spine region placed by
-    # the translation stage (a fixed mask): with only a moving mask, rotating the CT out of the sampled region
-    # can raise the MI and the optimiser runs away.
+    # trades a wrong rotation for translation.
     # As many threads as both ITK and torch may use (`srr-benchmark --threads 1` keeps the search on one).
     workers = min(sitk.ProcessObject.GetGlobalDefaultNumberOfThreads(), torch.get_num_threads())
     with _itk_threads(1 if deterministic else None):
-        result, level, note = _search(fixed, moving, moving_mask, starts, initial, centroid, progress, workers)
+        result, level, note = _search(fixed, moving, moving_mask, starts, fixed_centre, centroid, progress, workers)
     if note:
         logger.log(level, note)
     return Prealignment(matrix=_matrix_of(result), method=AUTOMATIC)
@@ -273,98 +272,187 @@ def _search(
     moving: sitk.Image,
     moving_mask: sitk.Image,
     starts: list[np.ndarray],
-    initial: sitk.Euler3DTransform,
+    fixed_centre: np.ndarray,
     centroid: np.ndarray,
     progress: Callable[[float, str], None] | None,
     workers: int = 1,
 ) -> tuple[sitk.Transform, int, str | None]:
-    """The translation search from ``starts`` (on up to ``workers`` threads), then the rigid stage from the best.
+    """The translation search from ``starts`` (on up to ``workers`` threads), then the rigid stage from the best
+    (rotations about ``fixed_centre``, LPS mm).
 
     Returns:
         The transform, and a logging level and note saying why the rigid stage was not kept (``None`` when it was).
     """
-    fixed_f = sitk.Cast(fixed, sitk.sitkFloat32)
-    moving_f = sitk.Cast(moving, sitk.sitkFloat32)
+    images = (sitk.Cast(fixed, sitk.sitkFloat32), sitk.Cast(moving, sitk.sitkFloat32), moving_mask)
+    rigid = partial(_rigid_stage, fixed_centre=fixed_centre, spine_centre=centroid)
     try:
-        candidates = _translation_candidates(fixed_f, moving_f, moving_mask, starts, progress, workers)
-        translation = min(candidates, key=lambda c: c[:2])[2]
-        initial.SetTranslation(tuple(float(c) for c in _matrix_of(translation)[:3, 3]))
-        fixed_mask = sitk.Resample(moving_mask, fixed, translation, sitk.sitkNearestNeighbor, 0)
-        result = _mattes_mi(
-            fixed_f, moving_f, initial, _report_stage(progress, 0.4, 1.0), fixed_mask=fixed_mask, learning_rate=0.5
-        )
-        rotation, shift = _refinement_change(result, translation, centroid)
-        rigid_mi = _mutual_information(fixed_f, moving_f, result, fixed_mask=fixed_mask)
-        translation_mi = _mutual_information(fixed_f, moving_f, translation, fixed_mask=fixed_mask)
+        translation, found = _translation_then_rigid(images, starts, progress, workers, rigid)
     except RuntimeError as error:
         raise InputError(
             "automatic pre-alignment failed (the MR and the CT spine region do not overlap enough); "
             "give vertebra centre landmarks"
         ) from error
-    if rotation > MAX_AUTOMATIC_ROTATION_DEG or shift > MAX_AUTOMATIC_REFINE_SHIFT_MM:
+    if found.rotation_deg > MAX_AUTOMATIC_ROTATION_DEG or found.shift_mm > MAX_AUTOMATIC_REFINE_SHIFT_MM:
         return (
             translation,
             logging.WARNING,
             (
-                f"the automatic rigid stage ran away (it turned the CT by {rotation:.0f} degrees and moved the "
-                f"spine {shift:.0f} mm; limits {MAX_AUTOMATIC_ROTATION_DEG:.0f} degrees, "
+                f"the automatic rigid stage ran away (it turned the CT by {found.rotation_deg:.0f} degrees and moved "
+                f"the spine {found.shift_mm:.0f} mm; limits {MAX_AUTOMATIC_ROTATION_DEG:.0f} degrees, "
                 f"{MAX_AUTOMATIC_REFINE_SHIFT_MM:.0f} mm): the pre-alignment is its translation stage, without "
                 "rotation; the vertebra-wise rigid stage turns each vertebra by at most 15 degrees, so check the "
                 "result or give vertebra centre landmarks"
             ),
         )
-    if rigid_mi > translation_mi:
+    if found.rigid_mi > found.translation_mi:
         return (
             translation,
             logging.INFO,
             (
                 f"automatic pre-alignment: the rigid stage did not improve on the translation stage (Mattes MI "
-                f"{rigid_mi:.4f} vs {translation_mi:.4f}), so the translation is kept; expected when the scans are "
-                "already in register, and the vertebra-wise rigid stage fits each vertebra's rotation"
+                f"{found.rigid_mi:.4f} vs {found.translation_mi:.4f}), so the translation is kept; expected when the "
+                "scans are already in register, and the vertebra-wise rigid stage fits each vertebra's rotation"
             ),
         )
-    return result, logging.INFO, None
+    return found.transform, logging.INFO, None
 
 
-def _translation_candidates(
-    fixed: sitk.Image,
-    moving: sitk.Image,
-    moving_mask: sitk.Image,
+#: The fixed image, the moving image and the moving spine region, as the search's registrations read them.
+_Images = tuple[sitk.Image, sitk.Image, sitk.Image]
+
+
+class _Rigid(NamedTuple):
+    """The rigid stage from one translation: its transform, how far it went from the translation (rotation in
+    degrees; shift in mm of the MR point it maps onto the CT spine centre) and the Mattes MI of both (lower is
+    better) over the spine region the translation places in the MR."""
+
+    transform: sitk.Transform
+    rotation_deg: float
+    shift_mm: float
+    rigid_mi: float
+    translation_mi: float
+
+
+def _rigid_stage(
+    images: _Images,
+    translation: sitk.Transform,
+    progress: Callable[[float, str], None] | None,
+    stop: threading.Event | None = None,
+    *,
+    fixed_centre: np.ndarray,
+    spine_centre: np.ndarray,
+) -> _Rigid | None:
+    """The rigid Mattes-MI registration from ``translation``, rotating about ``fixed_centre``; ``None`` when
+    ``stop`` was set before it ended.
+
+    It samples the MR inside the spine region placed by the translation (a fixed mask): with only a moving mask,
+    rotating the CT out of the sampled region can raise the MI and the optimiser runs away."""
+    fixed, moving, moving_mask = images
+    start = sitk.Euler3DTransform()
+    start.SetCenter(tuple(float(c) for c in fixed_centre))
+    start.SetTranslation(tuple(float(c) for c in _matrix_of(translation)[:3, 3]))
+    fixed_mask = sitk.Resample(moving_mask, fixed, translation, sitk.sitkNearestNeighbor, 0)
+    result = _mattes_mi(fixed, moving, start, progress, fixed_mask=fixed_mask, learning_rate=0.5, stop=stop)
+    if stop is not None and stop.is_set():
+        return None
+    return _Rigid(
+        result,
+        *_refinement_change(result, translation, spine_centre),
+        _mutual_information(fixed, moving, result, fixed_mask=fixed_mask),
+        _mutual_information(fixed, moving, translation, fixed_mask=fixed_mask),
+    )
+
+
+_RigidStage = Callable[..., "_Rigid | None"]
+
+
+def _translation_then_rigid(
+    images: _Images,
     starts: list[np.ndarray],
     progress: Callable[[float, str], None] | None,
     workers: int,
-) -> list[tuple[float, int, sitk.Transform]]:
-    """Each start's translation search, and the start itself, scored by Mattes MI over the spine region:
-    ``(MI, order, transform)``, in the order of ``starts``.
+    rigid: _RigidStage,
+) -> tuple[sitk.Transform, _Rigid]:
+    """The best translation of the searches from ``starts`` (:func:`_search_from`) and ``rigid`` from it.
 
-    With ``workers`` > 1 the later starts search on threads beside the first (ITK runs without Python's lock), each
-    on its own copies of the images; every registration uses one ITK thread either way, so the candidates do not
-    depend on ``workers``. Only the first start reports progress: a GUI's callbacks stay on the calling thread.
+    With ``workers`` > 1 and two starts, the second start searches on a thread beside the first, on its own copies
+    of the images, and whichever search ends first starts the rigid stage from its best translation on the core it
+    frees (:class:`_HeadStart`): that is the rigid stage wanted when that start wins, as it often does (the sample
+    case, the pairs in register), and it is stopped when it loses. Every registration uses one ITK thread either
+    way, so the result does not depend on ``workers`` or on which search ends first. Progress is reported from the
+    calling thread only: a GUI's callbacks must not run on a worker thread.
     """
+    rigid_report = _report_stage(progress, 0.4, 1.0)
+    if workers < 2 or len(starts) < 2:
+        scored = []
+        for number, start in enumerate(starts):
+            share = _report_stage(progress, 0.4 * number / len(starts), 0.4 * (number + 1) / len(starts))
+            scored += _search_from(images, start, share)
+        translation = _best(scored)
+        return translation, rigid(images, translation, rigid_report)
+    head = _HeadStart(rigid, _own_copies(images))
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        later = pool.submit(_search_from, _own_copies(images), starts[1], None)
+        later.add_done_callback(lambda job: job.exception() is None and head.begin(pool, job.result()))
+        first = _search_from(images, starts[0], _report_stage(progress, 0.0, 0.4))
+        head.begin(pool, first)
+        translation = _best(first + later.result())
+        if rigid_report is not None:
+            rigid_report(0.0, "automatic rigid pre-alignment")
+        if head.translation is translation:
+            return translation, head.result()
+        head.stop()
+        return translation, rigid(images, translation, rigid_report)
 
-    parallel = workers > 1 and len(starts) > 1
 
-    def search(number: int, start: np.ndarray) -> list[tuple[float, sitk.Transform]]:
-        images = (fixed, moving, moving_mask)
-        if number > 0 and parallel:
-            images = tuple(_own_copy(image) for image in images)
-        begin = sitk.TranslationTransform(3, tuple(float(c) for c in start))
-        if parallel:
-            report = _report_stage(progress, 0.0, 0.4) if number == 0 else None
-        else:
-            report = _report_stage(progress, 0.4 * number / len(starts), 0.4 * (number + 1) / len(starts))
-        found = _mattes_mi(images[0], images[1], begin, report, moving_mask=images[2])
-        # The start itself competes too: on a pair already in register the optimiser can end up worse than where it
-        # began (a tiny clinical-like pair: 0.5 mm off with MI 7 % worse than the scanner frames').
-        return [(_mutual_information(images[0], images[1], t, moving_mask=images[2]), t) for t in (found, begin)]
+def _search_from(
+    images: _Images, start: np.ndarray, progress: Callable[[float, str], None] | None
+) -> list[tuple[float, sitk.Transform]]:
+    """The translation search from ``start`` (LPS mm) and the start itself, each with its Mattes MI over the spine
+    region: ``[(MI, found), (MI, start)]``. The start competes too: on a pair already in register the optimiser can
+    end up worse than where it began (a tiny clinical-like pair: 0.5 mm off with MI 7 % worse than the scanner
+    frames')."""
+    fixed, moving, moving_mask = images
+    begin = sitk.TranslationTransform(3, tuple(float(c) for c in start))
+    found = _mattes_mi(fixed, moving, begin, progress, moving_mask=moving_mask)
+    return [(_mutual_information(fixed, moving, t, moving_mask=moving_mask), t) for t in (found, begin)]
 
-    if not parallel:
-        scored = [pair for number, start in enumerate(starts) for pair in search(number, start)]
-    else:
-        with ThreadPoolExecutor(max_workers=min(workers, len(starts)) - 1) as pool:
-            later = [pool.submit(search, number, start) for number, start in enumerate(starts) if number > 0]
-            scored = search(0, starts[0]) + [pair for job in later for pair in job.result()]
-    return [(value, order, transform) for order, (value, transform) in enumerate(scored)]
+
+def _best(scored: list[tuple[float, sitk.Transform]]) -> sitk.Transform:
+    """The transform of lowest MI; of equal ones, the first."""
+    return min(enumerate(scored), key=lambda item: (item[1][0], item[0]))[1][1]
+
+
+class _HeadStart:
+    """The rigid stage started from the best translation of whichever search ends first, on its own copies of the
+    images (:func:`_translation_then_rigid`). :meth:`begin` may be called from any thread; only the first call
+    starts it."""
+
+    def __init__(self, rigid: _RigidStage, images: _Images) -> None:
+        self.rigid, self.images = rigid, images
+        self.translation: sitk.Transform | None = None
+        self.job: Future | None = None
+        self._lock, self._stop = threading.Lock(), threading.Event()
+
+    def begin(self, pool: ThreadPoolExecutor, scored: list[tuple[float, sitk.Transform]]) -> None:
+        with self._lock:
+            if self.job is None:
+                self.translation = _best(scored)
+                self.job = pool.submit(self.rigid, self.images, self.translation, None, self._stop)
+
+    def result(self) -> _Rigid:
+        assert self.job is not None
+        return self.job.result()
+
+    def stop(self) -> None:
+        """Stop the registration at its next iteration (its result is not wanted)."""
+        self._stop.set()
+
+
+def _own_copies(images: _Images) -> _Images:
+    """Copies of ``images`` that share no pixel buffer or pipeline state with them (for another thread)."""
+    fixed, moving, moving_mask = (_own_copy(image) for image in images)
+    return fixed, moving, moving_mask
 
 
 def _own_copy(image: sitk.Image) -> sitk.Image:
@@ -382,8 +470,10 @@ def _mattes_mi(
     moving_mask: sitk.Image | None = None,
     fixed_mask: sitk.Image | None = None,
     learning_rate: float = 2.0,
+    stop: threading.Event | None = None,
 ) -> sitk.Transform:
-    """Multi-resolution Mattes-MI registration of ``moving`` onto ``fixed`` from ``initial`` (fixed -> moving)."""
+    """Multi-resolution Mattes-MI registration of ``moving`` onto ``fixed`` from ``initial`` (fixed -> moving);
+    when ``stop`` is set it ends at its next iteration."""
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     if np.prod(moving.GetSize()) > GRADIENT_FILTER_MAX_VOXELS:
@@ -408,6 +498,8 @@ def _mattes_mi(
     method.SetSmoothingSigmasPerLevel([float(f - 1) for f in factors])
     method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     method.SetInitialTransform(initial, inPlace=False)
+    if stop is not None:
+        method.AddCommand(sitk.sitkIterationEvent, lambda: stop.is_set() and method.StopRegistration())
     if progress is not None:
         # Within each resolution level the bar moves with the optimiser's iterations (at most ``iterations``), so a
         # long search on a large CT shows that it is working.
