@@ -71,3 +71,55 @@ def test_point_pairs_name_the_vertebra_their_ct_point_lies_on_or_next_to():
     assert pointed([20.0, 1.0, 1.0]) == []  # soft tissue, 4 mm from any vertebra
     assert pointed([-30.0, 10.0, 10.0]) == []  # outside the grid
     assert vertebrae_at_points(ProcessingPair(image, image, labels, (1.0, 1.0, 1.0))) == []
+
+
+def _phantom_inputs():
+    from SpineRigidRegLib.data.phantom import make_phantom
+    from SpineRigidRegLib.prealign import Prealignment
+
+    phantom = make_phantom(num_vertebrae=2, shape=(40, 32, 32), seed=3)
+    ct = sitk.Cast(phantom.ct, sitk.sitkFloat32)
+    mr = sitk.InvertIntensity(ct, maximum=1500.0)
+    pre = Prealignment(matrix=np.eye(4), method="test")
+    grid = Geometry.of(ct)
+    return mr, ct, phantom.labels, pre, grid
+
+
+def _pairs_equal(a: ProcessingPair, b: ProcessingPair) -> bool:
+    return all(torch.equal(getattr(a, k), getattr(b, k)) for k in ("fixed", "moving", "moving_labels", "fixed_mask"))
+
+
+def test_a_rerun_on_the_same_images_gets_a_copy_of_the_kept_pair_with_its_own_point_pairs(monkeypatch):
+    """A manual correction re-runs on the same images with other point pairs: the pair resampled for the first run
+    is kept and copied (nothing resampled), its point pairs are the new ones, changing the copy does not change what
+    the next run gets, and another image, pre-alignment or a forgotten pair resamples again."""
+    from SpineRigidRegLib import processing
+    from SpineRigidRegLib.prealign import Prealignment
+
+    mr, ct, labels, pre, grid = _phantom_inputs()
+    processing.forget_kept_pair()
+    first = processing.to_processing_grid(mr, ct, labels, pre, grid)
+    reference = first.copy()
+    resampled = []
+    inner = processing.resample_to_reference
+    monkeypatch.setattr(processing, "resample_to_reference", lambda *a, **k: resampled.append(1) or inner(*a, **k))
+    point = np.asarray(ct.TransformIndexToPhysicalPoint((10, 12, 14)), dtype=float)
+    again = processing.to_processing_grid(sitk.Image(mr), ct, labels, pre, grid, point_pairs=[(point, point)])
+    assert not resampled and _pairs_equal(first, again) and first.point_pairs is None
+    assert np.allclose(again.point_pairs[0].numpy(), [[14, 12, 10]]) and np.allclose(
+        again.point_pairs[1].numpy(), [[14, 12, 10]]
+    )
+    again.fixed.add_(1.0)  # a later stage writing into its pair
+    assert _pairs_equal(reference, processing.to_processing_grid(mr, ct, labels, pre, grid)) and not resampled
+    changed = sitk.Image(mr)
+    changed[5, 5, 5] = 0.0
+    processing.to_processing_grid(changed, ct, labels, pre, grid)
+    assert len(resampled) == 3  # the MR, the CT and its labels
+    shifted = Prealignment(matrix=np.eye(4) + np.pad(np.eye(3)[:, :1] * 0.5, ((0, 1), (3, 0))), method="test")
+    resampled.clear()
+    assert not _pairs_equal(processing.to_processing_grid(changed, ct, labels, shifted, grid), reference)
+    assert len(resampled) == 3
+    processing.forget_kept_pair()
+    resampled.clear()
+    processing.to_processing_grid(changed, ct, labels, shifted, grid)
+    assert len(resampled) == 3

@@ -48,6 +48,7 @@ from .processing import (
     MAX_GRID_VOXELS,
     ProcessingPair,
     check_memory,
+    forget_kept_pair,
     processing_grid,
     to_processing_grid,
     vertebrae_at_points,
@@ -80,11 +81,12 @@ def _report(progress: ProgressCallback | None, start: float, end: float) -> Prog
 
 
 def forget_kept_work() -> None:
-    """Drop what runs keep for the next run on the same images: the MR's segmentation and bias correction, and the
-    maps of the last results' velocities (a manual correction starts from one). A benchmark calls it before timing
-    a first registration."""
+    """Drop what runs keep for the next run on the same images: the MR's segmentation and bias correction, the last
+    processing pair, and the maps of the last results' velocities (a manual correction starts from one). A benchmark
+    calls it before timing a first registration."""
     forget_predictions()
     forget_corrections()
+    forget_kept_pair()
     forget_maps()
 
 
