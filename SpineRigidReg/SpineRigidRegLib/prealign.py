@@ -391,18 +391,26 @@ def _translation_then_rigid(
         translation = _best(scored)
         return translation, rigid(images, translation, rigid_report)
     head = _HeadStart(rigid, _own_copies(images))
+
+    def head_start_from(job: Future) -> None:  # runs when the second search ends, on its thread
+        if job.exception() is None:
+            head.begin(pool, job.result())
+
     with ThreadPoolExecutor(max_workers=2) as pool:
-        later = pool.submit(_search_from, _own_copies(images), starts[1], None)
-        later.add_done_callback(lambda job: job.exception() is None and head.begin(pool, job.result()))
-        first = _search_from(images, starts[0], _report_stage(progress, 0.0, 0.4))
-        head.begin(pool, first)
-        translation = _best(first + later.result())
-        if rigid_report is not None:
-            rigid_report(0.0, "automatic rigid pre-alignment")
-        if head.translation is translation:
-            return translation, head.result()
-        head.stop()
-        return translation, rigid(images, translation, rigid_report)
+        try:
+            later = pool.submit(_search_from, _own_copies(images), starts[1], None)
+            later.add_done_callback(head_start_from)
+            first = _search_from(images, starts[0], _report_stage(progress, 0.0, 0.4))
+            head.begin(pool, first)
+            translation = _best(first + later.result())
+            if rigid_report is not None:
+                rigid_report(0.0, "automatic rigid pre-alignment")
+            if head.translation is translation:
+                return translation, head.result()
+            head.stop()
+            return translation, rigid(images, translation, rigid_report)
+        finally:
+            head.stop()  # a failed search does not wait for a whole rigid stage it will not use
 
 
 def _search_from(

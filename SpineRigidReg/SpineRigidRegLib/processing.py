@@ -253,8 +253,7 @@ def to_processing_grid(
     Raises:
         InputError: the MR and the pre-aligned CT spine barely overlap.
     """
-    key = (*(None if i is None else image_digest(i) for i in (fixed, moving, moving_labels, fixed_bone)), grid)
-    key += (pre.matrix.tobytes(),)
+    key = _pair_key(fixed, moving, moving_labels, fixed_bone, pre, grid)
     if not (_KEPT_PAIR and _KEPT_PAIR[0][0] == key):
         _KEPT_PAIR[:] = [(key, _resampled(fixed, moving, moving_labels, pre, grid, fixed_bone))]
     pair = _KEPT_PAIR[0][1]
@@ -267,6 +266,19 @@ def to_processing_grid(
 
 #: :func:`to_processing_grid`'s last pair (without point pairs) and what it was built from.
 _KEPT_PAIR: list[tuple[tuple, ProcessingPair]] = []
+
+
+def _pair_key(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    moving_labels: sitk.Image,
+    fixed_bone: sitk.Image | None,
+    pre: Prealignment,
+    grid: Geometry,
+) -> tuple:
+    """What a pair is built from: the images' digests (:func:`.inputs.image_digest`), the pre-alignment, the grid."""
+    images = (fixed, moving, moving_labels, fixed_bone)
+    return (*(None if image is None else image_digest(image) for image in images), pre.matrix.tobytes(), grid)
 
 
 def forget_kept_pair() -> None:
